@@ -1,0 +1,1 @@
+"""Destination delivery: the engine and one module per destination."""

@@ -1,0 +1,1 @@
+"""Event sources: the Segment-compatible collector, producers and generators."""

@@ -1,0 +1,1 @@
+"""cdpflow stream processing: Faust app, agents, tables, Avro serde, settings and CLI."""
