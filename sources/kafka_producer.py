@@ -1,0 +1,115 @@
+"""A confluent-kafka producer that reports every delivery, for sync and asyncio callers.
+
+librdkafka acknowledges asynchronously through ``poll()``; a background thread
+polls so callers get a future per message and can answer an HTTP client, or
+commit a checkpoint, only once the broker has the record (acks=all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from streams.settings import Settings
+
+
+class DeliveryFailed(Exception):
+    """The broker did not take the record (after librdkafka's own retries)."""
+
+    def __init__(self, error: KafkaError | str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retriable = bool(isinstance(error, KafkaError) and error.retriable())
+
+
+class QueueFull(Exception):
+    """The local send queue is full and the caller asked not to block."""
+
+
+Headers = list[tuple[str, bytes]]
+
+
+class ReliableProducer:
+    """Idempotent, acks=all producer with per-message delivery futures."""
+
+    def __init__(self, settings: Settings, **overrides: Any) -> None:
+        self._producer = Producer(settings.reliable_producer_config(**overrides))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
+        self._thread.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None = None,
+        headers: Headers | None = None,
+        *,
+        block: bool = True,
+        timeout: float | None = 30.0,
+    ) -> Future[Message]:
+        """Queue one record; the future resolves when the broker acknowledged it.
+
+        With ``block`` a full local queue waits (up to ``timeout``) instead of
+        dropping; without it, QueueFull is raised at once.
+        """
+        fut: Future[Message] = Future()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                fut.set_exception(DeliveryFailed(err))
+            else:
+                fut.set_result(msg)
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                )
+                return fut
+            except BufferError:
+                if not block:
+                    raise QueueFull("local producer queue is full") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise QueueFull(f"local producer queue still full after {timeout} s") from None
+                time.sleep(0.01)
+            except KafkaException as exc:
+                raise DeliveryFailed(exc.args[0] if exc.args else str(exc)) from exc
+
+    async def produce_async(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None = None,
+        headers: Headers | None = None,
+    ) -> Message:
+        return await asyncio.wrap_future(self.produce(topic, value, key, headers, block=False))
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Wait for outstanding deliveries; return how many are still undelivered."""
+        return int(self._producer.flush(timeout))
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+    def close(self, timeout: float = 30.0) -> int:
+        remaining = self.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return remaining
+
+    def __enter__(self) -> ReliableProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

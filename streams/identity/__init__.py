@@ -1,0 +1,1 @@
+"""Identity domain: stitch anonymousId and userId into one canonical profile id."""

@@ -1,0 +1,81 @@
+"""Identity stitching: one canonical profile id per person.
+
+The table ``identity_links`` maps an anonymousId (or an alias's previousId) to
+the userId it was linked to by identify/alias or any event carrying both ids.
+Events arrive keyed by that id, so the link a worker needs is always in the
+table partitions it owns. The canonical profile id is the userId once known,
+else ``anon:<anonymousId>`` (a prefix, so it can never collide with a userId).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.pipeline import (
+    H_ANON,
+    H_KIND,
+    H_PREVIOUS,
+    H_PROFILE,
+    H_STITCHED,
+    H_TYPE,
+    H_USER,
+    KIND_EVENT,
+    Pipeline,
+    await_deliveries,
+    bind_event,
+    header_map,
+)
+
+ANON_PREFIX = "anon:"
+
+
+def resolve_profile(headers: dict[str, bytes], links: Any) -> tuple[str, bool]:
+    """Return (profile id, stitched) and record any new link in ``links``."""
+    user = headers.get(H_USER)
+    anon = headers.get(H_ANON)
+    if headers.get(H_TYPE) == b"alias":
+        previous = headers[H_PREVIOUS].decode()
+        user_id = user.decode() if user else ""
+        if links.get(previous) != user_id:
+            links[previous] = user_id
+        return user_id, False
+    if user:
+        user_id = user.decode()
+        if anon:
+            anon_id = anon.decode()
+            if links.get(anon_id) != user_id:
+                links[anon_id] = user_id
+        return user_id, False
+    anon_id = anon.decode() if anon else ""
+    linked = links.get(anon_id)
+    if linked:
+        return str(linked), True
+    return ANON_PREFIX + anon_id, False
+
+
+def register(p: Pipeline) -> None:
+    settings = p.settings
+    links = p.identity_links
+
+    @p.app.agent(p.identity_topic, name="cdpflow.identity.stitch")
+    async def stitch(stream: Any) -> None:
+        async for events in stream.take_events(
+            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
+        ):
+            deliveries = []
+            for event in events:
+                bind_event(stream, event)
+                headers = header_map(event.headers)
+                profile_id, stitched = resolve_profile(headers, links)
+                out = [(k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)]
+                out += [
+                    (H_PROFILE, profile_id.encode()),
+                    (H_STITCHED, b"1" if stitched else b"0"),
+                    (H_KIND, KIND_EVENT),
+                ]
+                deliveries.append(
+                    await p.profile_topic.send(
+                        key=profile_id.encode(), value=event.value, headers=out
+                    )
+                )
+            await await_deliveries(deliveries)

@@ -1,0 +1,1 @@
+"""Ingest domain: decode and validate raw events; route the good ones, dead-letter the rest."""

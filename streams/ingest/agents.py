@@ -1,0 +1,97 @@
+"""Validate raw events: decode, check the CDP rules, route or dead-letter each one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams import schemas
+from streams.events import EventRejected, check_rules, now_ms
+from streams.pipeline import (
+    H_ANON,
+    H_PREVIOUS,
+    H_SRC_OFFSET,
+    H_SRC_PARTITION,
+    H_TYPE,
+    H_USER,
+    Pipeline,
+    await_deliveries,
+)
+from streams.serde import DecodeError
+
+STAGE = "validate"
+
+
+def identity_routing_key(record: dict[str, Any]) -> str:
+    """Key for the identity hop: the id whose link the identity table must see.
+
+    alias → previousId (the id being linked); otherwise anonymousId when present
+    (where anonymous → user links live); else userId.
+    """
+    if record["type"] == "alias":
+        return str(record["previousId"])
+    return str(record.get("anonymousId") or record.get("userId"))
+
+
+def routing_headers(record: dict[str, Any], partition: int, offset: int) -> list[tuple[str, bytes]]:
+    headers = [
+        (H_TYPE, record["type"].encode()),
+        (H_SRC_PARTITION, str(partition).encode()),
+        (H_SRC_OFFSET, str(offset).encode()),
+    ]
+    for name, field in ((H_USER, "userId"), (H_ANON, "anonymousId"), (H_PREVIOUS, "previousId")):
+        value = record.get(field)
+        if value:
+            headers.append((name, value.encode()))
+    return headers
+
+
+def register(p: Pipeline) -> None:
+    settings = p.settings
+
+    @p.app.agent(p.raw_topic, name="cdpflow.ingest.validate")
+    async def validate(stream: Any) -> None:
+        async for events in stream.take_events(
+            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
+        ):
+            deliveries = []
+            now = now_ms()
+            for event in events:
+                value: bytes | None = event.value
+                message_id = None
+                try:
+                    _, record = await p.decode(value, schemas.CUSTOMER_EVENT)
+                    message_id = record.get("messageId")
+                    check_rules(record, now=now, limits=p.limits)
+                except DecodeError as exc:
+                    deliveries.append(
+                        await p.send_dead_letter(
+                            value,
+                            stage=STAGE,
+                            reason=exc.reason_code,
+                            message=str(exc),
+                            event=event,
+                        )
+                    )
+                    continue
+                except EventRejected as exc:
+                    deliveries.append(
+                        await p.send_dead_letter(
+                            value,
+                            stage=STAGE,
+                            reason=exc.reason,
+                            message=exc.detail,
+                            event=event,
+                            message_id=message_id,
+                        )
+                    )
+                    continue
+                msg = event.message
+                deliveries.append(
+                    await p.identity_topic.send(
+                        key=identity_routing_key(record).encode(),
+                        value=value,
+                        headers=routing_headers(record, msg.partition, msg.offset),
+                    )
+                )
+            p.counts["validated"] += len(events)
+            await await_deliveries(deliveries)

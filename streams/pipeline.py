@@ -1,0 +1,201 @@
+"""Wiring of the stream topology shared by every domain's agents.
+
+Topology (every hop keyed so that the state it needs is local to the worker):
+
+    cdp.events.raw ──ingest──▶ cdp.internal.identity  (key: anonymousId | previousId | userId)
+                     │                 │
+                     ▼                 ▼ identity (table identity_links: anonymousId → userId)
+               cdp.events.dlq   cdp.internal.profile  (key: canonical profile id)
+                                       ▲          │
+    cdp.recommendations.updates ──recs─┘          ▼ profiles (tables profile_traits,
+                                                  │           profile_recommendations)
+                                           cdp.events.enriched (key: profile id)
+
+Internal hops forward the producer's original Avro bytes and carry the few
+routing fields in headers, so only ``ingest`` and ``profiles`` decode Avro.
+Each agent processes a batch, awaits the broker's acknowledgement of everything
+it produced, and only then lets Faust ack (and later commit) the batch's offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from streams import topics
+from streams.app import (
+    IDENTITY_LINKS_TABLE,
+    PROFILE_RECOMMENDATIONS_TABLE,
+    PROFILE_TRAITS_TABLE,
+    create_app,
+)
+from streams.events import Limits, Reason, dead_letter
+from streams.serde import AvroSerde, Encoder, RegistryUnavailable
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = "0.1.0"
+
+# Routing headers on internal topics.
+H_TYPE = "cdp-type"
+H_USER = "cdp-uid"
+H_ANON = "cdp-aid"
+H_PREVIOUS = "cdp-prev"
+H_PROFILE = "cdp-pid"
+H_STITCHED = "cdp-stitched"
+H_KIND = "cdp-kind"
+H_SRC_PARTITION = "cdp-src-p"
+H_SRC_OFFSET = "cdp-src-o"
+KIND_EVENT = b"event"
+KIND_RECOMMENDATION = b"rec"
+
+
+def header_map(headers: Any) -> dict[str, bytes]:
+    """Faust hands headers as a list of pairs or a mapping, depending on the path."""
+    if not headers:
+        return {}
+    if isinstance(headers, Mapping):
+        return {str(k): v for k, v in headers.items()}
+    return {str(k): v for k, v in headers}
+
+
+@dataclass
+class Pipeline:
+    app: faust.App
+    settings: Settings
+    serde: AvroSerde
+    limits: Limits
+    worker_label: str
+    raw_topic: Any
+    identity_topic: Any
+    profile_topic: Any
+    enriched_topic: Any
+    dlq_topic: Any
+    recommendations_topic: Any
+    identity_links: Any
+    profile_traits: Any
+    profile_recommendations: Any
+    encode_enriched: Encoder
+    encode_dead_letter: Encoder
+    counts: Counter[str] = field(default_factory=Counter)
+
+    async def send_dead_letter(
+        self,
+        original: bytes | None,
+        *,
+        stage: str,
+        reason: Reason | str,
+        message: str,
+        event: Any | None = None,
+        message_id: str | None = None,
+    ) -> Awaitable[Any]:
+        """Queue a DeadLetter; returns its delivery future, awaited with the rest of the batch."""
+        msg = event.message if event is not None else None
+        record = dead_letter(
+            original or b"",
+            stage=stage,
+            reason=reason,
+            message=message,
+            topic=msg.topic if msg is not None else None,
+            partition=msg.partition if msg is not None else None,
+            offset=msg.offset if msg is not None else None,
+            message_id=message_id,
+        )
+        self.counts[f"dlq.{reason}"] += 1
+        key = message_id.encode() if message_id else None
+        return await self.dlq_topic.send(key=key, value=self.encode_dead_letter(record))
+
+    async def decode(self, data: bytes | None, reader: str) -> tuple[int, dict[str, Any]]:
+        """Decode, waiting out registry outages instead of dead-lettering good records."""
+        delay = 0.5
+        while True:
+            try:
+                return self.serde.decode(data, reader=reader)
+            except RegistryUnavailable as exc:
+                log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+
+async def await_deliveries(deliveries: list[Awaitable[Any]]) -> None:
+    """Wait until the broker acknowledged everything a batch produced.
+
+    ``await topic.send()`` only queues the record and hands back its delivery
+    future; the batch may be acked (and later committed) only once all of
+    those resolved, which is what makes a SIGKILL lose nothing.
+    """
+    if deliveries:
+        await asyncio.gather(*deliveries)
+
+
+def bind_event(stream: Any, event: Any) -> None:
+    """Make ``event`` Faust's current event while a batch from ``take_events`` is processed.
+
+    Table writes find the changelog partition through the current event; in a
+    batch Faust does not set it per event, so a write would otherwise fail (or
+    land in the wrong changelog partition).
+    """
+    stream._set_current_event(event)
+
+
+def worker_label(settings: Settings) -> str:
+    return f"{settings.cdp_worker_id}@{socket.gethostname()}:{os.getpid()}"
+
+
+def build_pipeline(
+    settings: Settings,
+    *,
+    serde: AvroSerde | None = None,
+    app: faust.App | None = None,
+    web_enabled: bool = True,
+) -> Pipeline:
+    from streams.identity import agents as identity_agents
+    from streams.ingest import agents as ingest_agents
+    from streams.profiles import agents as profile_agents
+    from streams.recommendations import agents as recommendation_agents
+
+    serde = serde or AvroSerde.from_url(settings.schema_registry_url)
+    app = app or create_app(settings, web_enabled=web_enabled)
+    p = settings.cdp_topic_partitions
+
+    def raw_topic(name: str) -> Any:
+        return app.topic(
+            name, partitions=p, key_serializer="raw", value_serializer="raw", allow_empty=True
+        )
+
+    for topic in (topics.EVENTS_RAW, topics.RECOMMENDATIONS_UPDATES):
+        serde.schema_id(topic)  # register value schemas up front (fail fast on a bad registry)
+    pipeline = Pipeline(
+        app=app,
+        settings=settings,
+        serde=serde,
+        limits=Limits.from_settings(settings),
+        worker_label=worker_label(settings),
+        raw_topic=raw_topic(topics.EVENTS_RAW),
+        identity_topic=raw_topic(topics.INTERNAL_IDENTITY),
+        profile_topic=raw_topic(topics.INTERNAL_PROFILE),
+        enriched_topic=raw_topic(topics.EVENTS_ENRICHED),
+        dlq_topic=raw_topic(topics.EVENTS_DLQ),
+        recommendations_topic=raw_topic(topics.RECOMMENDATIONS_UPDATES),
+        identity_links=app.Table(IDENTITY_LINKS_TABLE, default=None, partitions=p),
+        profile_traits=app.Table(PROFILE_TRAITS_TABLE, default=None, partitions=p),
+        profile_recommendations=app.Table(
+            PROFILE_RECOMMENDATIONS_TABLE, default=None, partitions=p
+        ),
+        encode_enriched=serde.encoder(topics.EVENTS_ENRICHED),
+        encode_dead_letter=serde.encoder(topics.EVENTS_DLQ),
+    )
+    ingest_agents.register(pipeline)
+    identity_agents.register(pipeline)
+    recommendation_agents.register(pipeline)
+    profile_agents.register(pipeline)
+    return pipeline

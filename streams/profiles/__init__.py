@@ -1,0 +1,1 @@
+"""Profiles domain: profile traits, recommendation joins and event enrichment."""

@@ -1,0 +1,98 @@
+"""Profile state and enrichment, keyed by canonical profile id.
+
+Tables: ``profile_traits`` (traits merged from identify calls) and
+``profile_recommendations`` (the latest ranked list per customer). Both live in
+the partitions of ``cdp.internal.profile``, the topic that carries a profile's
+events and its recommendation updates in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams import schemas
+from streams.events import now_ms, to_ms
+from streams.pipeline import (
+    H_KIND,
+    H_PROFILE,
+    H_SRC_OFFSET,
+    H_SRC_PARTITION,
+    H_STITCHED,
+    KIND_RECOMMENDATION,
+    PIPELINE_VERSION,
+    Pipeline,
+    await_deliveries,
+    bind_event,
+    header_map,
+)
+from streams.profiles.enrich import build_enriched, merge_traits, recommendation_state
+from streams.serde import DecodeError
+
+STAGE = "enrich"
+
+
+def _int_header(headers: dict[str, bytes], name: str) -> int | None:
+    value = headers.get(name)
+    return int(value) if value else None
+
+
+def register(p: Pipeline) -> None:
+    settings = p.settings
+    traits_table = p.profile_traits
+    recs_table = p.profile_recommendations
+
+    @p.app.agent(p.profile_topic, name="cdpflow.profiles.enrich")
+    async def enrich(stream: Any) -> None:
+        async for events in stream.take_events(
+            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
+        ):
+            deliveries = []
+            processed_at = now_ms()
+            for event in events:
+                bind_event(stream, event)
+                headers = header_map(event.headers)
+                value = event.value
+                if headers.get(H_KIND) == KIND_RECOMMENDATION:
+                    _, rec = await p.decode(value, schemas.RECOMMENDATION_UPDATE)
+                    customer = rec["customerId"]
+                    current = recs_table.get(customer)
+                    if current is None or current["generatedAt"] <= to_ms(rec["generatedAt"]):
+                        recs_table[customer] = recommendation_state(rec)
+                    continue
+                try:
+                    _, record = await p.decode(value, schemas.CUSTOMER_EVENT)
+                except DecodeError as exc:  # validated upstream; only a registry wipe gets here
+                    deliveries.append(
+                        await p.send_dead_letter(
+                            value,
+                            stage=STAGE,
+                            reason=exc.reason_code,
+                            message=str(exc),
+                            event=event,
+                        )
+                    )
+                    continue
+                profile_id = (headers.get(H_PROFILE) or event.key or b"").decode()
+                traits = traits_table.get(profile_id)
+                if record["type"] == "identify" and record.get("traits") not in (None, "{}"):
+                    traits = merge_traits(traits, record["traits"])
+                    traits_table[profile_id] = traits
+                enriched = build_enriched(
+                    record,
+                    profile_id=profile_id,
+                    stitched=headers.get(H_STITCHED) == b"1",
+                    traits=traits,
+                    recommendations=recs_table.get(profile_id),
+                    worker_id=p.worker_label,
+                    pipeline_version=PIPELINE_VERSION,
+                    processed_at_ms=processed_at,
+                    source_partition=_int_header(headers, H_SRC_PARTITION),
+                    source_offset=_int_header(headers, H_SRC_OFFSET),
+                )
+                deliveries.append(
+                    await p.enriched_topic.send(
+                        key=profile_id.encode(), value=p.encode_enriched(enriched)
+                    )
+                )
+            p.counts["enriched"] += len(deliveries)
+            await await_deliveries(deliveries)

@@ -1,0 +1,1 @@
+"""Recommendations domain: validate recommendation updates and route them to profiles."""

@@ -1,0 +1,67 @@
+"""Recommendation updates: validate, then route into the profile stream by customer id.
+
+Routing through ``cdp.internal.profile`` (instead of a second table fed from
+the public topic) keeps recommendations and events of one customer in one
+partition, in order, whatever key or partitioner the model service used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from streams import schemas
+from streams.events import EventRejected, Reason
+from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline, await_deliveries
+from streams.serde import DecodeError
+
+STAGE = "recommendations"
+
+
+def check_recommendation(record: dict[str, Any]) -> None:
+    if not record.get("customerId"):
+        raise EventRejected(Reason.INVALID_RECOMMENDATION, "customerId is empty")
+    seen: set[str] = set()
+    for product in record.get("products") or []:
+        pid = product.get("productId")
+        if not pid:
+            raise EventRejected(Reason.INVALID_RECOMMENDATION, "a product has an empty productId")
+        if pid in seen:
+            raise EventRejected(Reason.INVALID_RECOMMENDATION, f"product {pid!r} listed twice")
+        seen.add(pid)
+        if not math.isfinite(product.get("score", math.nan)):
+            raise EventRejected(
+                Reason.INVALID_RECOMMENDATION, f"product {pid!r} has no finite score"
+            )
+
+
+def register(p: Pipeline) -> None:
+    settings = p.settings
+
+    @p.app.agent(p.recommendations_topic, name="cdpflow.recommendations.route")
+    async def route(stream: Any) -> None:
+        async for events in stream.take_events(
+            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
+        ):
+            deliveries = []
+            for event in events:
+                value = event.value
+                try:
+                    _, record = await p.decode(value, schemas.RECOMMENDATION_UPDATE)
+                    check_recommendation(record)
+                except (DecodeError, EventRejected) as exc:
+                    reason = exc.reason if isinstance(exc, EventRejected) else exc.reason_code
+                    deliveries.append(
+                        await p.send_dead_letter(
+                            value, stage=STAGE, reason=reason, message=str(exc), event=event
+                        )
+                    )
+                    continue
+                deliveries.append(
+                    await p.profile_topic.send(
+                        key=record["customerId"].encode(),
+                        value=value,
+                        headers=[(H_KIND, KIND_RECOMMENDATION)],
+                    )
+                )
+            await await_deliveries(deliveries)

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real Kafka broker and schema registry for the whole session.
+
+Order of preference: an explicit KAFKA_BOOTSTRAP_SERVERS + SCHEMA_REGISTRY_URL
+(CI or a developer's running stack), else the project's own local stack
+(`cdpflow stack up`, started here and stopped at the end). If neither can be
+had, the session fails loudly: integration tests never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from streams.serde import AvroSerde
+from streams.settings import Settings
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    bootstrap_servers: str
+    registry_url: str
+
+
+def _start_local_stack() -> tuple[StackEndpoints, object | None]:
+    from streams.stack.manager import StackManager, StackSettings
+
+    manager = StackManager(StackSettings())
+    info = manager.up()
+    return StackEndpoints(info.bootstrap_servers, info.registry_url), (
+        manager if info.started else None
+    )
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackEndpoints]:
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    registry = os.environ.get("SCHEMA_REGISTRY_URL")
+    started = None
+    if bootstrap and registry:
+        endpoints = StackEndpoints(bootstrap, registry)
+    else:
+        endpoints, started = _start_local_stack()
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = endpoints.bootstrap_servers
+        os.environ["SCHEMA_REGISTRY_URL"] = endpoints.registry_url
+    # Fail loudly (never skip) when the broker does not answer.
+    md = AdminClient({"bootstrap.servers": endpoints.bootstrap_servers}).list_topics(timeout=30)
+    assert md.brokers, f"Kafka at {endpoints.bootstrap_servers} has no brokers"
+    yield endpoints
+    if started is not None:
+        started.down()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def settings(stack: StackEndpoints, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", stack.bootstrap_servers)
+    monkeypatch.setenv("SCHEMA_REGISTRY_URL", stack.registry_url)
+    return Settings(cdp_write_keys="test-write-key,second-key")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def serde(stack: StackEndpoints) -> AvroSerde:
+    return AvroSerde.from_url(stack.registry_url)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for topic names and group ids, so tests never share state."""
+    return uuid.uuid4().hex[:10]
