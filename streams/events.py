@@ -358,8 +358,14 @@ def check_rules(
 
 
 def identity_key(record: Mapping[str, Any]) -> str:
-    """The key the collector and producers partition raw events by: userId, else anonymousId."""
-    return str(record.get("userId") or record.get("anonymousId") or record.get("previousId") or "")
+    """The key raw events are partitioned by: anonymousId when present, else userId.
+
+    anonymousId first keeps a device's anonymous events and the identify that
+    links them to a userId in one partition, in order, so the stitching stage
+    sees the link before the events that follow it. A userId-only event (server
+    side) has no anonymous history to order against.
+    """
+    return str(record.get("anonymousId") or record.get("userId") or record.get("previousId") or "")
 
 
 def dead_letter(

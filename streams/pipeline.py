@@ -2,10 +2,10 @@
 
 Topology (every hop keyed so that the state it needs is local to the worker):
 
-    cdp.events.raw ──ingest──▶ cdp.internal.identity  (key: anonymousId | previousId | userId)
+    cdp.events.raw ─ingest─▶ <group>-identity-repartition (key: anonymousId|previousId|userId)
                      │                 │
                      ▼                 ▼ identity (table identity_links: anonymousId → userId)
-               cdp.events.dlq   cdp.internal.profile  (key: canonical profile id)
+               cdp.events.dlq   <group>-profile-repartition (key: canonical profile id)
                                        ▲          │
     cdp.recommendations.updates ──recs─┘          ▼ profiles (tables profile_traits,
                                                   │           profile_recommendations)
@@ -13,8 +13,10 @@ Topology (every hop keyed so that the state it needs is local to the worker):
 
 Internal hops forward the producer's original Avro bytes and carry the few
 routing fields in headers, so only ``ingest`` and ``profiles`` decode Avro.
-Each agent processes a batch, awaits the broker's acknowledgement of everything
-it produced, and only then lets Faust ack (and later commit) the batch's offsets.
+Each agent processes a batch (``take_events``), produces its output through
+librdkafka (:class:`BatchSender`), awaits the broker's acknowledgement of all
+of it, and only then lets Faust ack (and later commit) the batch's offsets:
+a SIGKILL at any point loses nothing, it only replays the unacked batch.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 
+from sources.kafka_producer import BatchSender, OutRecord, ReliableProducer
 from streams import topics
 from streams.app import (
     IDENTITY_LINKS_TABLE,
@@ -78,17 +81,24 @@ class Pipeline:
     raw_topic: Any
     identity_topic: Any
     profile_topic: Any
-    enriched_topic: Any
-    dlq_topic: Any
     recommendations_topic: Any
     identity_links: Any
     profile_traits: Any
     profile_recommendations: Any
     encode_enriched: Encoder
     encode_dead_letter: Encoder
+    sender: BatchSender
     counts: Counter[str] = field(default_factory=Counter)
 
-    async def send_dead_letter(
+    @property
+    def identity_topic_name(self) -> str:
+        return str(self.identity_topic.get_topic_name())
+
+    @property
+    def profile_topic_name(self) -> str:
+        return str(self.profile_topic.get_topic_name())
+
+    def dead_letter_record(
         self,
         original: bytes | None,
         *,
@@ -97,8 +107,8 @@ class Pipeline:
         message: str,
         event: Any | None = None,
         message_id: str | None = None,
-    ) -> Awaitable[Any]:
-        """Queue a DeadLetter; returns its delivery future, awaited with the rest of the batch."""
+    ) -> OutRecord:
+        """The DLQ record for an input, to be sent with the rest of its batch."""
         msg = event.message if event is not None else None
         record = dead_letter(
             original or b"",
@@ -112,7 +122,7 @@ class Pipeline:
         )
         self.counts[f"dlq.{reason}"] += 1
         key = message_id.encode() if message_id else None
-        return await self.dlq_topic.send(key=key, value=self.encode_dead_letter(record))
+        return (topics.EVENTS_DLQ, self.encode_dead_letter(record), key, None)
 
     async def decode(self, data: bytes | None, reader: str) -> tuple[int, dict[str, Any]]:
         """Decode, waiting out registry outages instead of dead-lettering good records."""
@@ -124,17 +134,6 @@ class Pipeline:
                 log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-
-
-async def await_deliveries(deliveries: list[Awaitable[Any]]) -> None:
-    """Wait until the broker acknowledged everything a batch produced.
-
-    ``await topic.send()`` only queues the record and hands back its delivery
-    future; the batch may be acked (and later committed) only once all of
-    those resolved, which is what makes a SIGKILL lose nothing.
-    """
-    if deliveries:
-        await asyncio.gather(*deliveries)
 
 
 def bind_event(stream: Any, event: Any) -> None:
@@ -181,10 +180,12 @@ def build_pipeline(
         limits=Limits.from_settings(settings),
         worker_label=worker_label(settings),
         raw_topic=raw_topic(topics.EVENTS_RAW),
-        identity_topic=raw_topic(topics.INTERNAL_IDENTITY),
-        profile_topic=raw_topic(topics.INTERNAL_PROFILE),
-        enriched_topic=raw_topic(topics.EVENTS_ENRICHED),
-        dlq_topic=raw_topic(topics.EVENTS_DLQ),
+        identity_topic=raw_topic(
+            topics.internal_topic(settings.cdp_worker_id, topics.INTERNAL_IDENTITY_SUFFIX)
+        ),
+        profile_topic=raw_topic(
+            topics.internal_topic(settings.cdp_worker_id, topics.INTERNAL_PROFILE_SUFFIX)
+        ),
         recommendations_topic=raw_topic(topics.RECOMMENDATIONS_UPDATES),
         identity_links=app.Table(IDENTITY_LINKS_TABLE, default=None, partitions=p),
         profile_traits=app.Table(PROFILE_TRAITS_TABLE, default=None, partitions=p),
@@ -193,6 +194,7 @@ def build_pipeline(
         ),
         encode_enriched=serde.encoder(topics.EVENTS_ENRICHED),
         encode_dead_letter=serde.encoder(topics.EVENTS_DLQ),
+        sender=BatchSender(ReliableProducer(settings)),
     )
     ingest_agents.register(pipeline)
     identity_agents.register(pipeline)

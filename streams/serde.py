@@ -182,7 +182,8 @@ class AvroSerde:
             raise MalformedAvro(f"Avro body does not match schema id {schema_id}: {exc}") from exc
         if buf.tell() != len(data):
             raise MalformedAvro(
-                f"{len(data) - buf.tell()} trailing bytes after the Avro body (schema id {schema_id})"
+                f"{len(data) - buf.tell()} trailing bytes after the Avro body "
+                f"(schema id {schema_id})"
             )
         if not isinstance(record, dict):
             raise SchemaMismatch(f"schema id {schema_id} is not a record schema")

@@ -20,10 +20,12 @@ RECOMMENDATIONS_UPDATES = "cdp.recommendations.updates"
 AUDIENCES_UPDATES = "cdp.audiences.updates"
 SINK_DLQ_PREFIX = "cdp.sink.dlq."
 
-#: Validated events re-keyed by the identity key (anonymousId, else userId).
-INTERNAL_IDENTITY = "cdp.internal.identity"
-#: Events and recommendation updates re-keyed by canonical profile id.
-INTERNAL_PROFILE = "cdp.internal.profile"
+#: Repartition topics belong to one worker group (like Kafka Streams'
+#: ``<application.id>-...-repartition``), so two pipelines never read each other's.
+#: Validated events re-keyed by the identity key (anonymousId, else userId):
+INTERNAL_IDENTITY_SUFFIX = "identity-repartition"
+#: Events and recommendation updates re-keyed by canonical profile id:
+INTERNAL_PROFILE_SUFFIX = "profile-repartition"
 
 PUBLIC_TOPICS = (
     EVENTS_RAW,
@@ -32,7 +34,10 @@ PUBLIC_TOPICS = (
     RECOMMENDATIONS_UPDATES,
     AUDIENCES_UPDATES,
 )
-INTERNAL_TOPICS = (INTERNAL_IDENTITY, INTERNAL_PROFILE)
+
+
+def internal_topic(worker_id: str, suffix: str) -> str:
+    return f"{worker_id}-{suffix}"
 
 
 def sink_dlq_topic(destination: str) -> str:
@@ -53,7 +58,7 @@ class TopicSpec:
 
 def pipeline_topic_specs(settings: Settings) -> list[TopicSpec]:
     p = settings.cdp_topic_partitions
-    specs = [TopicSpec(t, p, {}) for t in PUBLIC_TOPICS + INTERNAL_TOPICS]
+    specs = [TopicSpec(t, p, {}) for t in PUBLIC_TOPICS]
     # Dead letters are evidence: keep them for 30 days regardless of broker default.
     return [
         TopicSpec(s.name, s.partitions, {"retention.ms": str(30 * 24 * 3600 * 1000)})

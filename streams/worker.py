@@ -11,13 +11,20 @@ from streams.app import (
 )
 from streams.pipeline import build_pipeline
 from streams.settings import Settings
-from streams.topics import TopicSpec, ensure_topics, pipeline_topic_specs
+from streams.topics import (
+    INTERNAL_IDENTITY_SUFFIX,
+    INTERNAL_PROFILE_SUFFIX,
+    TopicSpec,
+    ensure_topics,
+    internal_topic,
+    pipeline_topic_specs,
+)
 
 TABLES = (IDENTITY_LINKS_TABLE, PROFILE_TRAITS_TABLE, PROFILE_RECOMMENDATIONS_TABLE)
 
 
 def worker_topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Pipeline topics plus the worker group's compacted table changelogs.
+    """Pipeline topics plus the worker group's repartition topics and table changelogs.
 
     Created before Faust starts: Faust's own creation races its metadata check
     and crashes the agent with PartitionsMismatch on a fresh cluster.
@@ -30,13 +37,19 @@ def worker_topic_specs(settings: Settings) -> list[TopicSpec]:
         )
         for table in TABLES
     ]
-    return pipeline_topic_specs(settings) + changelogs
+    p = settings.cdp_topic_partitions
+    wid = settings.cdp_worker_id
+    repartition = [
+        TopicSpec(internal_topic(wid, suffix), p, {})
+        for suffix in (INTERNAL_IDENTITY_SUFFIX, INTERNAL_PROFILE_SUFFIX)
+    ]
+    return pipeline_topic_specs(settings) + repartition + changelogs
 
 
-def run_worker(settings: Settings, *, web_enabled: bool = True, loglevel: str = "info") -> None:
+def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     """Create topics if missing, build the topology and run until SIGTERM/SIGINT."""
     ensure_topics(settings, worker_topic_specs(settings))
-    pipeline = build_pipeline(settings, web_enabled=web_enabled)
+    pipeline = build_pipeline(settings, web_enabled=settings.cdp_worker_web_enabled)
     worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 

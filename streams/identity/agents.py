@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sources.kafka_producer import OutRecord
 from streams.pipeline import (
     H_ANON,
     H_KIND,
@@ -21,7 +22,6 @@ from streams.pipeline import (
     H_USER,
     KIND_EVENT,
     Pipeline,
-    await_deliveries,
     bind_event,
     header_map,
 )
@@ -62,20 +62,16 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
-            deliveries = []
+            out: list[OutRecord] = []
             for event in events:
                 bind_event(stream, event)
                 headers = header_map(event.headers)
                 profile_id, stitched = resolve_profile(headers, links)
-                out = [(k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)]
-                out += [
+                forwarded = [(k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)]
+                forwarded += [
                     (H_PROFILE, profile_id.encode()),
                     (H_STITCHED, b"1" if stitched else b"0"),
                     (H_KIND, KIND_EVENT),
                 ]
-                deliveries.append(
-                    await p.profile_topic.send(
-                        key=profile_id.encode(), value=event.value, headers=out
-                    )
-                )
-            await await_deliveries(deliveries)
+                out.append((p.profile_topic_name, event.value, profile_id.encode(), forwarded))
+            await p.sender.send(out)

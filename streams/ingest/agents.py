@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sources.kafka_producer import OutRecord
 from streams import schemas
 from streams.events import EventRejected, check_rules, now_ms
 from streams.pipeline import (
@@ -14,7 +15,6 @@ from streams.pipeline import (
     H_TYPE,
     H_USER,
     Pipeline,
-    await_deliveries,
 )
 from streams.serde import DecodeError
 
@@ -53,7 +53,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
-            deliveries = []
+            out: list[OutRecord] = []
             now = now_ms()
             for event in events:
                 value: bytes | None = event.value
@@ -63,8 +63,8 @@ def register(p: Pipeline) -> None:
                     message_id = record.get("messageId")
                     check_rules(record, now=now, limits=p.limits)
                 except DecodeError as exc:
-                    deliveries.append(
-                        await p.send_dead_letter(
+                    out.append(
+                        p.dead_letter_record(
                             value,
                             stage=STAGE,
                             reason=exc.reason_code,
@@ -74,8 +74,8 @@ def register(p: Pipeline) -> None:
                     )
                     continue
                 except EventRejected as exc:
-                    deliveries.append(
-                        await p.send_dead_letter(
+                    out.append(
+                        p.dead_letter_record(
                             value,
                             stage=STAGE,
                             reason=exc.reason,
@@ -86,12 +86,13 @@ def register(p: Pipeline) -> None:
                     )
                     continue
                 msg = event.message
-                deliveries.append(
-                    await p.identity_topic.send(
-                        key=identity_routing_key(record).encode(),
-                        value=value,
-                        headers=routing_headers(record, msg.partition, msg.offset),
+                out.append(
+                    (
+                        p.identity_topic_name,
+                        value,
+                        identity_routing_key(record).encode(),
+                        routing_headers(record, msg.partition, msg.offset),
                     )
                 )
             p.counts["validated"] += len(events)
-            await await_deliveries(deliveries)
+            await p.sender.send(out)

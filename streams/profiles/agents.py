@@ -2,7 +2,7 @@
 
 Tables: ``profile_traits`` (traits merged from identify calls) and
 ``profile_recommendations`` (the latest ranked list per customer). Both live in
-the partitions of ``cdp.internal.profile``, the topic that carries a profile's
+the partitions of ``the profile repartition topic``, the topic that carries a profile's
 events and its recommendation updates in order.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams import schemas
+from sources.kafka_producer import OutRecord
+from streams import schemas, topics
 from streams.events import now_ms, to_ms
 from streams.pipeline import (
     H_KIND,
@@ -21,7 +22,6 @@ from streams.pipeline import (
     KIND_RECOMMENDATION,
     PIPELINE_VERSION,
     Pipeline,
-    await_deliveries,
     bind_event,
     header_map,
 )
@@ -46,7 +46,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
-            deliveries = []
+            out: list[OutRecord] = []
             processed_at = now_ms()
             for event in events:
                 bind_event(stream, event)
@@ -62,8 +62,8 @@ def register(p: Pipeline) -> None:
                 try:
                     _, record = await p.decode(value, schemas.CUSTOMER_EVENT)
                 except DecodeError as exc:  # validated upstream; only a registry wipe gets here
-                    deliveries.append(
-                        await p.send_dead_letter(
+                    out.append(
+                        p.dead_letter_record(
                             value,
                             stage=STAGE,
                             reason=exc.reason_code,
@@ -89,10 +89,8 @@ def register(p: Pipeline) -> None:
                     source_partition=_int_header(headers, H_SRC_PARTITION),
                     source_offset=_int_header(headers, H_SRC_OFFSET),
                 )
-                deliveries.append(
-                    await p.enriched_topic.send(
-                        key=profile_id.encode(), value=p.encode_enriched(enriched)
-                    )
+                out.append(
+                    (topics.EVENTS_ENRICHED, p.encode_enriched(enriched), profile_id.encode(), None)
                 )
-            p.counts["enriched"] += len(deliveries)
-            await await_deliveries(deliveries)
+            p.counts["enriched"] += len(out)
+            await p.sender.send(out)

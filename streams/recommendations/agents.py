@@ -1,6 +1,6 @@
 """Recommendation updates: validate, then route into the profile stream by customer id.
 
-Routing through ``cdp.internal.profile`` (instead of a second table fed from
+Routing through ``the profile repartition topic`` (instead of a second table fed from
 the public topic) keeps recommendations and events of one customer in one
 partition, in order, whatever key or partitioner the model service used.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sources.kafka_producer import OutRecord
 from streams import schemas
 from streams.events import EventRejected, Reason
-from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline, await_deliveries
+from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline
 from streams.serde import DecodeError
 
 STAGE = "recommendations"
@@ -43,7 +44,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
-            deliveries = []
+            out: list[OutRecord] = []
             for event in events:
                 value = event.value
                 try:
@@ -51,17 +52,18 @@ def register(p: Pipeline) -> None:
                     check_recommendation(record)
                 except (DecodeError, EventRejected) as exc:
                     reason = exc.reason if isinstance(exc, EventRejected) else exc.reason_code
-                    deliveries.append(
-                        await p.send_dead_letter(
+                    out.append(
+                        p.dead_letter_record(
                             value, stage=STAGE, reason=reason, message=str(exc), event=event
                         )
                     )
                     continue
-                deliveries.append(
-                    await p.profile_topic.send(
-                        key=record["customerId"].encode(),
-                        value=value,
-                        headers=[(H_KIND, KIND_RECOMMENDATION)],
+                out.append(
+                    (
+                        p.profile_topic_name,
+                        value,
+                        record["customerId"].encode(),
+                        [(H_KIND, KIND_RECOMMENDATION)],
                     )
                 )
-            await await_deliveries(deliveries)
+            await p.sender.send(out)
