@@ -37,6 +37,8 @@ def create_app(settings: Settings, *, web_enabled: bool = True, **overrides: Any
         "broker_commit_interval": 1.0,
         "stream_buffer_maxsize": 8192,
         "table_standby_replicas": 1,
+        "broker_session_timeout": settings.cdp_worker_session_timeout_s,
+        "broker_heartbeat_interval": max(1.0, settings.cdp_worker_session_timeout_s / 10),
         "web_enabled": web_enabled,
         "web_port": settings.cdp_worker_web_port,
         "web_host": "127.0.0.1",

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     cdp_worker_web_port: int = Field(6066, ge=1, le=65535)
     cdp_worker_web_enabled: bool = Field(True, description="Serve Faust's web views / metrics.")
     cdp_worker_data_dir: str = Field(".stack/worker", description="Faust data directory.")
+    cdp_worker_session_timeout_s: float = Field(
+        30.0, ge=6, le=300, description="How soon a dead worker's partitions move to another."
+    )
     cdp_worker_batch_size: int = Field(500, ge=1, le=100_000)
     cdp_worker_batch_within_s: float = Field(0.05, gt=0, le=10)
     cdp_max_future_skew_s: int = Field(
