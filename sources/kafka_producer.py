@@ -31,7 +31,7 @@ class QueueFull(Exception):
     """The local send queue is full and the caller asked not to block."""
 
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 class ReliableProducer:
@@ -115,7 +115,7 @@ class ReliableProducer:
         self.close()
 
 
-OutRecord = tuple[str, bytes, bytes | str | None, Headers | None]
+OutRecord = tuple[str, bytes | None, bytes | str | None, Headers | None]
 
 
 class BatchSender:

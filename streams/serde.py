@@ -110,7 +110,7 @@ class SchemaRegistry:
             raise RegistryUnavailable(f"registry error for id {schema_id}: {exc}") from exc
         except Exception as exc:
             raise RegistryUnavailable(f"schema registry {self.url} unreachable: {exc}") from exc
-        if schema.schema_type not in (None, "AVRO"):
+        if schema.schema_type not in (None, "AVRO") or schema.schema_str is None:
             raise SchemaMismatch(f"schema id {schema_id} is {schema.schema_type}, not AVRO")
         parsed = parse_schema(json.loads(schema.schema_str))
         with self._lock:

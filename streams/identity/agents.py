@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sources.kafka_producer import OutRecord
+from sources.kafka_producer import Headers, OutRecord
 from streams.pipeline import (
     H_ANON,
     H_KIND,
@@ -67,7 +67,9 @@ def register(p: Pipeline) -> None:
                 bind_event(stream, event)
                 headers = header_map(event.headers)
                 profile_id, stitched = resolve_profile(headers, links)
-                forwarded = [(k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)]
+                forwarded: Headers = [
+                    (k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)
+                ]
                 forwarded += [
                     (H_PROFILE, profile_id.encode()),
                     (H_STITCHED, b"1" if stitched else b"0"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sources.kafka_producer import OutRecord
+from sources.kafka_producer import Headers, OutRecord
 from streams import schemas
 from streams.events import EventRejected, check_rules, now_ms
 from streams.pipeline import (
@@ -32,8 +32,8 @@ def identity_routing_key(record: dict[str, Any]) -> str:
     return str(record.get("anonymousId") or record.get("userId"))
 
 
-def routing_headers(record: dict[str, Any], partition: int, offset: int) -> list[tuple[str, bytes]]:
-    headers = [
+def routing_headers(record: dict[str, Any], partition: int, offset: int) -> Headers:
+    headers: Headers = [
         (H_TYPE, record["type"].encode()),
         (H_SRC_PARTITION, str(partition).encode()),
         (H_SRC_OFFSET, str(offset).encode()),

@@ -27,9 +27,7 @@ class RawProducer:
     def segment(self, msg: dict[str, Any]) -> str:
         record = from_segment(msg, received_at_ms=now_ms())
         self.pending.append(
-            self.producer.produce(
-                topics.EVENTS_RAW, self.encode(record), key=identity_key(record)
-            )
+            self.producer.produce(topics.EVENTS_RAW, self.encode(record), key=identity_key(record))
         )
         return str(record["messageId"])
 
@@ -49,14 +47,22 @@ class RawProducer:
             "updateId": update_id,
             "customerId": customer,
             "products": [
-                {"productId": pid, "score": score, "rank": i + 1, "reason": "test", "category": None}
+                {
+                    "productId": pid,
+                    "score": score,
+                    "rank": i + 1,
+                    "reason": "test",
+                    "category": None,
+                }
                 for i, (pid, score) in enumerate(products)
             ],
             "modelVersion": "test-model-1",
             "generatedAt": now_ms(),
         }
         self.pending.append(
-            self.producer.produce(topics.RECOMMENDATIONS_UPDATES, self.encode_rec(rec), key=customer)
+            self.producer.produce(
+                topics.RECOMMENDATIONS_UPDATES, self.encode_rec(rec), key=customer
+            )
         )
         return update_id
 
@@ -94,7 +100,9 @@ def other_schema_bytes(serde: AvroSerde) -> bytes:
 def avro_with_bad_body(serde: AvroSerde) -> bytes:
     header = struct.pack(">bI", 0, serde.schema_id(topics.EVENTS_RAW))
     buf = io.BytesIO()
-    schemaless_writer(buf, schemas.parsed(schemas.DEAD_LETTER), {
-        "originalBytes": b"\xff" * 3, "stage": "", "reasonCode": "", "message": "", "failedAt": 0
-    })
+    schemaless_writer(
+        buf,
+        schemas.parsed(schemas.DEAD_LETTER),
+        {"originalBytes": b"\xff" * 3, "stage": "", "reasonCode": "", "message": "", "failedAt": 0},
+    )
     return header + buf.getvalue()[:4]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +13,9 @@ from streams import topics
 from streams.events import Reason, now_ms
 from streams.serde import AvroSerde
 from streams.settings import Settings
-from tests.conftest import StackEndpoints
 from streams.topics import ensure_topics
 from streams.worker import worker_topic_specs
+from tests.conftest import StackEndpoints
 from tests.kafka_helpers import (
     TopicReader,
     WorkerProcess,
@@ -34,7 +33,9 @@ from tests.streams.pipeline_helpers import (
 
 
 @pytest.fixture(scope="module")
-def worker(stack: StackEndpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def worker(
+    stack: StackEndpoints, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
     tmp = tmp_path_factory.mktemp("worker")
     group = f"cdpflow-test-{uuid.uuid4().hex[:8]}"
     ensure_topics(Settings(), worker_topic_specs(Settings(cdp_worker_id=group)))
@@ -51,9 +52,18 @@ def worker(stack: StackEndpoints, tmp_path_factory: pytest.TempPathFactory) -> I
         proc.stop()
 
 
+IPHONE_UA = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+)
+
+
 def _reader(stack: StackEndpoints, topic: str) -> TopicReader:
     return TopicReader(
-        stack.bootstrap_servers, stack.registry_url, topic, end_offsets(stack.bootstrap_servers, topic)
+        stack.bootstrap_servers,
+        stack.registry_url,
+        topic,
+        end_offsets(stack.bootstrap_servers, topic),
     )
 
 
@@ -67,22 +77,37 @@ def test_events_are_enriched_stitched_and_joined(
     sent: dict[str, str] = {}
     for anon, user in users:
         out.recommendations(user, [(f"sku-{tag}-1", 0.9), (f"sku-{tag}-2", 0.5)])
-        sent[out.segment({
-            "type": "identify", "anonymousId": anon, "userId": user,
-            "traits": {"email": f"{user}@example.com", "plan": "pro", "nested": {"a": [1, 2.5]}},
-        })] = user
+        sent[
+            out.segment(
+                {
+                    "type": "identify",
+                    "anonymousId": anon,
+                    "userId": user,
+                    "traits": {
+                        "email": f"{user}@example.com",
+                        "plan": "pro",
+                        "nested": {"a": [1, 2.5]},
+                    },
+                }
+            )
+        ] = user
     out.flush()
     # The links are in place; anonymous-only events now stitch to the user.
     for anon, user in users:
-        sent[out.segment({
-            "type": "track", "anonymousId": anon, "event": "Product Viewed",
-            "properties": {"product_id": "p1", "price": 9.99, "tags": ["a", None, True]},
-            "context": {
-                "userAgent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) "
-                "AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
-                "page": {"url": "https://shop.example/p1?utm_source=news&utm_campaign=bf"},
-            },
-        })] = user
+        sent[
+            out.segment(
+                {
+                    "type": "track",
+                    "anonymousId": anon,
+                    "event": "Product Viewed",
+                    "properties": {"product_id": "p1", "price": 9.99, "tags": ["a", None, True]},
+                    "context": {
+                        "userAgent": IPHONE_UA,
+                        "page": {"url": "https://shop.example/p1?utm_source=news&utm_campaign=bf"},
+                    },
+                }
+            )
+        ] = user
         sent[out.segment({"type": "page", "userId": user, "name": "Checkout"})] = user
     sent[out.segment({"type": "page", "anonymousId": f"lonely-{tag}", "name": "Home"})] = (
         f"anon:lonely-{tag}"
@@ -102,7 +127,9 @@ def test_events_are_enriched_stitched_and_joined(
     for v in tracks:
         assert v["stitched"] is True
         assert json.loads(v["event"]["properties"]) == {
-            "product_id": "p1", "price": 9.99, "tags": ["a", None, True]
+            "product_id": "p1",
+            "price": 9.99,
+            "tags": ["a", None, True],
         }
         traits = json.loads(v["profileTraits"])
         assert traits["plan"] == "pro" and traits["nested"] == {"a": [1, 2.5]}
@@ -128,8 +155,14 @@ def test_bad_input_goes_to_dlq_with_distinct_reasons(
     out.raw_bytes(other_schema_bytes(serde))
     out.raw_bytes(avro_with_bad_body(serde))
     rule_breakers = {
-        f"noid-{tag}": (rogue_record(messageId=f"noid-{tag}", userId=None), Reason.MISSING_IDENTITY),
-        f"noevent-{tag}": (rogue_record(messageId=f"noevent-{tag}", event=None), Reason.MISSING_EVENT),
+        f"noid-{tag}": (
+            rogue_record(messageId=f"noid-{tag}", userId=None),
+            Reason.MISSING_IDENTITY,
+        ),
+        f"noevent-{tag}": (
+            rogue_record(messageId=f"noevent-{tag}", event=None),
+            Reason.MISSING_EVENT,
+        ),
         f"future-{tag}": (
             rogue_record(messageId=f"future-{tag}", timestamp=now_ms() + 10 * 86_400_000),
             Reason.TIMESTAMP_IN_FUTURE,
@@ -163,7 +196,9 @@ def test_bad_input_goes_to_dlq_with_distinct_reasons(
     anonymous = [v for v in dead if v.get("messageId") is None]
     reasons = {v["reasonCode"] for v in anonymous}
     assert {
-        Reason.NOT_WIRE_FORMAT, Reason.UNKNOWN_SCHEMA_ID, Reason.SCHEMA_MISMATCH,
+        Reason.NOT_WIRE_FORMAT,
+        Reason.UNKNOWN_SCHEMA_ID,
+        Reason.SCHEMA_MISMATCH,
         Reason.MALFORMED_AVRO,
     } <= reasons
     assert any(v["originalBytes"] == garbage for v in anonymous)

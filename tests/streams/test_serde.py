@@ -85,7 +85,7 @@ def test_we_read_confluent_serializer_bytes(serde: AvroSerde, stack: StackEndpoi
 def test_decode_errors_are_typed(serde: AvroSerde) -> None:
     good = serde.encode(topics.EVENTS_RAW, _event())
     with pytest.raises(NotWireFormat):
-        serde.decode(b"{\"json\": true}", schemas.CUSTOMER_EVENT)
+        serde.decode(b'{"json": true}', schemas.CUSTOMER_EVENT)
     with pytest.raises(NotWireFormat):
         serde.decode(b"", schemas.CUSTOMER_EVENT)
     with pytest.raises(UnknownSchemaId):
@@ -107,7 +107,9 @@ def test_decode_errors_are_typed(serde: AvroSerde) -> None:
 
 
 def _record_schema(name: str, fields: list[dict[str, object]]) -> str:
-    return json.dumps({"type": "record", "name": name, "namespace": "cdpflow.test", "fields": fields})
+    return json.dumps(
+        {"type": "record", "name": name, "namespace": "cdpflow.test", "fields": fields}
+    )
 
 
 def test_backward_compatible_evolution_and_rejection(serde: AvroSerde, unique: str) -> None:
@@ -123,8 +125,9 @@ def test_backward_compatible_evolution_and_rejection(serde: AvroSerde, unique: s
     broken = _record_schema("Evolving", [{"name": "id", "type": "long"}])
     id1 = serde.registry.register(subject, v1)
     assert serde.registry.client.get_compatibility(subject).upper() == "BACKWARD"
-    from fastavro import parse_schema, schemaless_writer
     import io
+
+    from fastavro import parse_schema, schemaless_writer
 
     buf = io.BytesIO()
     buf.write(struct.pack(">bI", 0, id1))
