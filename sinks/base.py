@@ -46,7 +46,7 @@ class Permanent(DeliveryError):
 
 
 class ConfigError(DeliveryError):
-    """Credentials or settings are wrong (401/403, unknown property...). Stop, don't burn retries."""
+    """Credentials or settings are wrong (401/403, unknown property): stop, never burn retries."""
 
 
 # --------------------------------------------------------------------------- settings
