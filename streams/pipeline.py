@@ -25,9 +25,8 @@ import asyncio
 import logging
 import os
 import socket
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -41,6 +40,7 @@ from streams.app import (
     create_app,
 )
 from streams.events import Limits, Reason, dead_letter
+from streams.metrics import PipelineMetrics, register_metrics
 from streams.serde import AvroSerde, Encoder, RegistryUnavailable
 from streams.settings import Settings
 
@@ -88,7 +88,7 @@ class Pipeline:
     encode_enriched: Encoder
     encode_dead_letter: Encoder
     sender: BatchSender
-    counts: Counter[str] = field(default_factory=Counter)
+    metrics: PipelineMetrics
 
     @property
     def identity_topic_name(self) -> str:
@@ -120,9 +120,19 @@ class Pipeline:
             offset=msg.offset if msg is not None else None,
             message_id=message_id,
         )
-        self.counts[f"dlq.{reason}"] += 1
+        self.metrics.dead_letters.labels(stage, str(reason)).inc()
         key = message_id.encode() if message_id else None
         return (topics.EVENTS_DLQ, self.encode_dead_letter(record), key, None)
+
+    def observe_batch(self, stage: str, events: list[Any], out: list[OutRecord]) -> None:
+        """Per-batch metrics: counted once per batch, not per event."""
+        if events:
+            self.metrics.events_in.labels(stage, events[0].message.topic).inc(len(events))
+        per_topic: dict[str, int] = {}
+        for record in out:
+            per_topic[record[0]] = per_topic.get(record[0], 0) + 1
+        for topic, n in per_topic.items():
+            self.metrics.events_out.labels(stage, topic).inc(n)
 
     async def decode(self, data: bytes | None, reader: str) -> tuple[int, dict[str, Any]]:
         """Decode, waiting out registry outages instead of dead-lettering good records."""
@@ -195,9 +205,12 @@ def build_pipeline(
         encode_enriched=serde.encoder(topics.EVENTS_ENRICHED),
         encode_dead_letter=serde.encoder(topics.EVENTS_DLQ),
         sender=BatchSender(ReliableProducer(settings)),
+        metrics=PipelineMetrics(),
     )
     ingest_agents.register(pipeline)
     identity_agents.register(pipeline)
     recommendation_agents.register(pipeline)
     profile_agents.register(pipeline)
+    if web_enabled:
+        register_metrics(pipeline)
     return pipeline

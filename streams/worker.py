@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import faust
 
 from streams.app import (
@@ -51,6 +53,8 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     ensure_topics(settings, worker_topic_specs(settings))
     pipeline = build_pipeline(settings, web_enabled=settings.cdp_worker_web_enabled)
     worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True)
+    # Registry lookups go through httpx; one INFO line per request is noise, not signal.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     worker.execute_from_commandline()
 
 

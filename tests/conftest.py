@@ -1,9 +1,10 @@
 """Shared fixtures: a real Kafka broker and schema registry for the whole session.
 
 Order of preference: an explicit KAFKA_BOOTSTRAP_SERVERS + SCHEMA_REGISTRY_URL
-(CI or a developer's running stack), else the project's own local stack
-(`cdpflow stack up`, started here and stopped at the end). If neither can be
-had, the session fails loudly: integration tests never skip.
+(CI or a developer's running stack); else containers through testcontainers when
+a Docker engine answers; else the project's own local stack (`cdpflow stack up`,
+started here and stopped at the end). If none can be had, the session fails
+loudly: integration tests never skip.
 """
 
 from __future__ import annotations
@@ -36,15 +37,58 @@ def _start_local_stack() -> tuple[StackEndpoints, object | None]:
     )
 
 
+def _docker_engine_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def _start_containers() -> tuple[StackEndpoints, list[object]]:
+    """Kafka (KRaft) and Apicurio in containers, for machines with a Docker engine."""
+    import time
+
+    import httpx
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.kafka import KafkaContainer
+
+    kafka = KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft()
+    kafka.start()
+    registry = DockerContainer("apicurio/apicurio-registry:3.3.3").with_exposed_ports(8080)
+    registry.start()
+    url = (
+        f"http://{registry.get_container_host_ip()}:{registry.get_exposed_port(8080)}"
+        "/apis/ccompat/v7"
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/subjects", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Apicurio container at {url} did not answer in 120 s")
+        time.sleep(1)
+    return StackEndpoints(kafka.get_bootstrap_server(), url), [registry, kafka]
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackEndpoints]:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     registry = os.environ.get("SCHEMA_REGISTRY_URL")
     started = None
+    containers: list[object] = []
     if bootstrap and registry:
         endpoints = StackEndpoints(bootstrap, registry)
     else:
-        endpoints, started = _start_local_stack()
+        if _docker_engine_available():
+            endpoints, containers = _start_containers()
+        else:
+            endpoints, started = _start_local_stack()
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = endpoints.bootstrap_servers
         os.environ["SCHEMA_REGISTRY_URL"] = endpoints.registry_url
     # Fail loudly (never skip) when the broker does not answer.
@@ -53,6 +97,8 @@ def stack() -> Iterator[StackEndpoints]:
     yield endpoints
     if started is not None:
         started.down()  # type: ignore[attr-defined]
+    for container in containers:
+        container.stop()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ else ``anon:<anonymousId>`` (a prefix, so it can never collide with a userId).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sources.kafka_producer import Headers, OutRecord
@@ -62,6 +63,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
+            started = time.perf_counter()
             out: list[OutRecord] = []
             for event in events:
                 bind_event(stream, event)
@@ -77,3 +79,5 @@ def register(p: Pipeline) -> None:
                 ]
                 out.append((p.profile_topic_name, event.value, profile_id.encode(), forwarded))
             await p.sender.send(out)
+            p.observe_batch("identity", events, out)
+            p.metrics.batch_seconds.labels("identity").observe(time.perf_counter() - started)

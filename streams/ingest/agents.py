@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sources.kafka_producer import Headers, OutRecord
@@ -53,6 +54,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
+            started = time.perf_counter()
             out: list[OutRecord] = []
             now = now_ms()
             for event in events:
@@ -94,5 +96,6 @@ def register(p: Pipeline) -> None:
                         routing_headers(record, msg.partition, msg.offset),
                     )
                 )
-            p.counts["validated"] += len(events)
             await p.sender.send(out)
+            p.observe_batch(STAGE, events, out)
+            p.metrics.batch_seconds.labels(STAGE).observe(time.perf_counter() - started)

@@ -8,6 +8,7 @@ events and its recommendation updates in order.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sources.kafka_producer import OutRecord
@@ -46,6 +47,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
+            started = time.perf_counter()
             out: list[OutRecord] = []
             processed_at = now_ms()
             for event in events:
@@ -89,8 +91,12 @@ def register(p: Pipeline) -> None:
                     source_partition=_int_header(headers, H_SRC_PARTITION),
                     source_offset=_int_header(headers, H_SRC_OFFSET),
                 )
+                p.metrics.event_to_enriched.observe(
+                    max(0.0, (processed_at - to_ms(record["receivedAt"])) / 1000)
+                )
                 out.append(
                     (topics.EVENTS_ENRICHED, p.encode_enriched(enriched), profile_id.encode(), None)
                 )
-            p.counts["enriched"] += len(out)
             await p.sender.send(out)
+            p.observe_batch(STAGE, events, out)
+            p.metrics.batch_seconds.labels(STAGE).observe(time.perf_counter() - started)

@@ -8,6 +8,7 @@ partition, in order, whatever key or partitioner the model service used.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from sources.kafka_producer import OutRecord
@@ -44,6 +45,7 @@ def register(p: Pipeline) -> None:
         async for events in stream.take_events(
             settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
         ):
+            started = time.perf_counter()
             out: list[OutRecord] = []
             for event in events:
                 value = event.value
@@ -67,3 +69,5 @@ def register(p: Pipeline) -> None:
                     )
                 )
             await p.sender.send(out)
+            p.observe_batch(STAGE, events, out)
+            p.metrics.batch_seconds.labels(STAGE).observe(time.perf_counter() - started)
