@@ -22,8 +22,8 @@ _BASIC = re.compile(r"(?i)(basic|bearer)\s+[A-Za-z0-9+/=._-]{8,}")
 
 def redact(text: str) -> str:
     text = _EMAIL.sub("<email>", text)
-    text = _SECRET_PARAM.sub(r"\1<redacted>", text)
-    return _BASIC.sub(r"\1 <redacted>", text)
+    text = _BASIC.sub(r"\1 <redacted>", text)  # before the key=value rule eats the scheme
+    return _SECRET_PARAM.sub(r"\1<redacted>", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +37,24 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)
+
+
+def logging_dict_config(level: str = "INFO") -> dict[str, object]:
+    """dictConfig for processes whose framework configures logging itself (the Faust worker)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "streams.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {"httpx": {"level": "WARNING"}},
+    }
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import faust
 
 from streams.app import (
@@ -11,6 +9,7 @@ from streams.app import (
     PROFILE_RECOMMENDATIONS_TABLE,
     PROFILE_TRAITS_TABLE,
 )
+from streams.logs import logging_dict_config
 from streams.pipeline import build_pipeline
 from streams.settings import Settings
 from streams.topics import (
@@ -52,9 +51,12 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
     """Create topics if missing, build the topology and run until SIGTERM/SIGINT."""
     ensure_topics(settings, worker_topic_specs(settings))
     pipeline = build_pipeline(settings, web_enabled=settings.cdp_worker_web_enabled)
-    worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True)
-    # Registry lookups go through httpx; one INFO line per request is noise, not signal.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    worker = faust.Worker(
+        pipeline.app,
+        loglevel=loglevel,
+        quiet=True,
+        logging_config=logging_dict_config(loglevel),
+    )
     worker.execute_from_commandline()
 
 
