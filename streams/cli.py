@@ -174,6 +174,38 @@ def _json_default(value: Any) -> Any:
 
 
 @app.command()
+def status(
+    worker_url: Annotated[
+        str, typer.Option(help="Worker web base URL.", envvar="CDP_STATUS_WORKER_URL")
+    ] = "http://127.0.0.1:6066",
+    collector_url: Annotated[
+        str, typer.Option(help="Collector base URL.", envvar="CDP_STATUS_COLLECTOR_URL")
+    ] = "",
+    watch: Annotated[bool, typer.Option(help="Refresh until Ctrl-C.")] = False,
+    all_groups: Annotated[bool, typer.Option(help="Also list idle cdpflow groups.")] = False,
+) -> None:
+    """Stages, rates, lag and health in one table (from /metrics and the broker)."""
+    from rich.live import Live
+
+    from streams.status import render
+
+    settings = load_settings()
+    collector_url = collector_url or f"http://127.0.0.1:{settings.cdp_collector_port}"
+    endpoints = {"worker": f"{worker_url}/metrics", "collector": f"{collector_url}/metrics"}
+    if not watch:
+        _out.print(render(settings, endpoints, all_groups=all_groups))
+        return
+    with Live(
+        render(settings, endpoints, all_groups=all_groups), console=_out, auto_refresh=False
+    ) as live:
+        try:
+            while True:
+                live.update(render(settings, endpoints, all_groups=all_groups), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
 def demo(
     keep: Annotated[
         bool, typer.Option(help="Leave the stack, collector and worker running afterwards.")

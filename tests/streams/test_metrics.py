@@ -8,10 +8,12 @@ import uuid
 from pathlib import Path
 
 import httpx
+from rich.console import Console
 
 from streams import topics
 from streams.serde import AvroSerde
 from streams.settings import Settings
+from streams.status import render
 from streams.topics import ensure_topics
 from streams.worker import worker_topic_specs
 from tests.conftest import StackEndpoints
@@ -88,5 +90,14 @@ def test_worker_serves_metrics_and_health(
             f'cdp_consumer_lag{{group="{group}",partition="0",topic="{topics.EVENTS_RAW}"}}' in text
         )
         assert httpx.get(f"{base}/health/ready", timeout=5).status_code == 200
+
+        # `cdpflow status` shows the worker up and its group's lag from the broker.
+        console = Console(record=True, width=250)
+        console.print(
+            render(Settings(cdp_worker_id=group), {"worker": f"{base}/metrics"}, interval=1.0)
+        )
+        screen = console.export_text()
+        assert "worker" in screen and "up" in screen
+        assert f"group {group}" in screen and "stable" in screen
     finally:
         worker.stop()
