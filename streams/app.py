@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, web_enabled: bool = True, **overrides: Any
         "web_enabled": web_enabled,
         "web_port": settings.cdp_worker_web_port,
         "web_host": "127.0.0.1",
-        "web_bind": "127.0.0.1",
+        "web_bind": settings.cdp_worker_web_bind,
         "datadir": str(datadir),
         "logging_config": None,
     }

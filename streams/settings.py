@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     cdp_topic_replication: int = Field(1, ge=1, le=16)
     cdp_worker_id: str = Field("cdpflow-worker", description="Faust app id / consumer group.")
     cdp_worker_web_port: int = Field(6066, ge=1, le=65535)
+    cdp_worker_web_bind: str = Field("127.0.0.1", description="0.0.0.0 to serve beyond loopback.")
     cdp_worker_web_enabled: bool = Field(True, description="Serve Faust's web views / metrics.")
     cdp_worker_data_dir: str = Field(".stack/worker", description="Faust data directory.")
     cdp_worker_session_timeout_s: float = Field(
