@@ -25,7 +25,8 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,23 @@ class Pipeline:
                 log.warning("schema registry unavailable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+
+BatchHandler = Callable[[Any, Sequence[Any]], Awaitable[list[OutRecord]]]
+
+
+async def run_batches(p: Pipeline, stream: Any, stage: str, handle: BatchHandler) -> None:
+    """The loop every agent shares: take a batch, let ``handle`` turn it into output
+    records, deliver them (awaiting the broker's acks), then let Faust ack the batch."""
+    settings = p.settings
+    async for events in stream.take_events(
+        settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
+    ):
+        started = time.perf_counter()
+        out = await handle(stream, events)
+        await p.sender.send(out)
+        p.observe_batch(stage, events, out)
+        p.metrics.batch_seconds.labels(stage).observe(time.perf_counter() - started)
 
 
 def bind_event(stream: Any, event: Any) -> None:

@@ -9,7 +9,7 @@ else ``anon:<anonymousId>`` (a prefix, so it can never collide with a userId).
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from typing import Any
 
 from sources.kafka_producer import Headers, OutRecord
@@ -25,6 +25,7 @@ from streams.pipeline import (
     Pipeline,
     bind_event,
     header_map,
+    run_batches,
 )
 
 ANON_PREFIX = "anon:"
@@ -55,29 +56,25 @@ def resolve_profile(headers: dict[str, bytes], links: Any) -> tuple[str, bool]:
 
 
 def register(p: Pipeline) -> None:
-    settings = p.settings
     links = p.identity_links
+
+    async def handle(stream: Any, events: Sequence[Any]) -> list[OutRecord]:
+        out: list[OutRecord] = []
+        for event in events:
+            bind_event(stream, event)
+            headers = header_map(event.headers)
+            profile_id, stitched = resolve_profile(headers, links)
+            forwarded: Headers = [
+                (k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)
+            ]
+            forwarded += [
+                (H_PROFILE, profile_id.encode()),
+                (H_STITCHED, b"1" if stitched else b"0"),
+                (H_KIND, KIND_EVENT),
+            ]
+            out.append((p.profile_topic_name, event.value, profile_id.encode(), forwarded))
+        return out
 
     @p.app.agent(p.identity_topic, name="cdpflow.identity.stitch")
     async def stitch(stream: Any) -> None:
-        async for events in stream.take_events(
-            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
-        ):
-            started = time.perf_counter()
-            out: list[OutRecord] = []
-            for event in events:
-                bind_event(stream, event)
-                headers = header_map(event.headers)
-                profile_id, stitched = resolve_profile(headers, links)
-                forwarded: Headers = [
-                    (k, v) for k, v in headers.items() if k not in (H_PROFILE, H_STITCHED)
-                ]
-                forwarded += [
-                    (H_PROFILE, profile_id.encode()),
-                    (H_STITCHED, b"1" if stitched else b"0"),
-                    (H_KIND, KIND_EVENT),
-                ]
-                out.append((p.profile_topic_name, event.value, profile_id.encode(), forwarded))
-            await p.sender.send(out)
-            p.observe_batch("identity", events, out)
-            p.metrics.batch_seconds.labels("identity").observe(time.perf_counter() - started)
+        await run_batches(p, stream, "identity", handle)

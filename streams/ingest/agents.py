@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from typing import Any
 
 from sources.kafka_producer import Headers, OutRecord
@@ -16,6 +16,7 @@ from streams.pipeline import (
     H_TYPE,
     H_USER,
     Pipeline,
+    run_batches,
 )
 from streams.serde import DecodeError
 
@@ -47,55 +48,51 @@ def routing_headers(record: dict[str, Any], partition: int, offset: int) -> Head
 
 
 def register(p: Pipeline) -> None:
-    settings = p.settings
+
+    async def handle(stream: Any, events: Sequence[Any]) -> list[OutRecord]:
+        out: list[OutRecord] = []
+        now = now_ms()
+        for event in events:
+            value: bytes | None = event.value
+            message_id = None
+            try:
+                _, record = await p.decode(value, schemas.CUSTOMER_EVENT)
+                message_id = record.get("messageId")
+                check_rules(record, now=now, limits=p.limits)
+            except DecodeError as exc:
+                out.append(
+                    p.dead_letter_record(
+                        value,
+                        stage=STAGE,
+                        reason=exc.reason_code,
+                        message=str(exc),
+                        event=event,
+                    )
+                )
+                continue
+            except EventRejected as exc:
+                out.append(
+                    p.dead_letter_record(
+                        value,
+                        stage=STAGE,
+                        reason=exc.reason,
+                        message=exc.detail,
+                        event=event,
+                        message_id=message_id,
+                    )
+                )
+                continue
+            msg = event.message
+            out.append(
+                (
+                    p.identity_topic_name,
+                    value,
+                    identity_routing_key(record).encode(),
+                    routing_headers(record, msg.partition, msg.offset),
+                )
+            )
+        return out
 
     @p.app.agent(p.raw_topic, name="cdpflow.ingest.validate")
     async def validate(stream: Any) -> None:
-        async for events in stream.take_events(
-            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
-        ):
-            started = time.perf_counter()
-            out: list[OutRecord] = []
-            now = now_ms()
-            for event in events:
-                value: bytes | None = event.value
-                message_id = None
-                try:
-                    _, record = await p.decode(value, schemas.CUSTOMER_EVENT)
-                    message_id = record.get("messageId")
-                    check_rules(record, now=now, limits=p.limits)
-                except DecodeError as exc:
-                    out.append(
-                        p.dead_letter_record(
-                            value,
-                            stage=STAGE,
-                            reason=exc.reason_code,
-                            message=str(exc),
-                            event=event,
-                        )
-                    )
-                    continue
-                except EventRejected as exc:
-                    out.append(
-                        p.dead_letter_record(
-                            value,
-                            stage=STAGE,
-                            reason=exc.reason,
-                            message=exc.detail,
-                            event=event,
-                            message_id=message_id,
-                        )
-                    )
-                    continue
-                msg = event.message
-                out.append(
-                    (
-                        p.identity_topic_name,
-                        value,
-                        identity_routing_key(record).encode(),
-                        routing_headers(record, msg.partition, msg.offset),
-                    )
-                )
-            await p.sender.send(out)
-            p.observe_batch(STAGE, events, out)
-            p.metrics.batch_seconds.labels(STAGE).observe(time.perf_counter() - started)
+        await run_batches(p, stream, STAGE, handle)

@@ -8,13 +8,13 @@ partition, in order, whatever key or partitioner the model service used.
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Sequence
 from typing import Any
 
 from sources.kafka_producer import OutRecord
 from streams import schemas
 from streams.events import EventRejected, Reason
-from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline
+from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline, run_batches
 from streams.serde import DecodeError
 
 STAGE = "recommendations"
@@ -38,36 +38,32 @@ def check_recommendation(record: dict[str, Any]) -> None:
 
 
 def register(p: Pipeline) -> None:
-    settings = p.settings
+
+    async def handle(stream: Any, events: Sequence[Any]) -> list[OutRecord]:
+        out: list[OutRecord] = []
+        for event in events:
+            value = event.value
+            try:
+                _, record = await p.decode(value, schemas.RECOMMENDATION_UPDATE)
+                check_recommendation(record)
+            except (DecodeError, EventRejected) as exc:
+                reason = exc.reason if isinstance(exc, EventRejected) else exc.reason_code
+                out.append(
+                    p.dead_letter_record(
+                        value, stage=STAGE, reason=reason, message=str(exc), event=event
+                    )
+                )
+                continue
+            out.append(
+                (
+                    p.profile_topic_name,
+                    value,
+                    record["customerId"].encode(),
+                    [(H_KIND, KIND_RECOMMENDATION)],
+                )
+            )
+        return out
 
     @p.app.agent(p.recommendations_topic, name="cdpflow.recommendations.route")
     async def route(stream: Any) -> None:
-        async for events in stream.take_events(
-            settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
-        ):
-            started = time.perf_counter()
-            out: list[OutRecord] = []
-            for event in events:
-                value = event.value
-                try:
-                    _, record = await p.decode(value, schemas.RECOMMENDATION_UPDATE)
-                    check_recommendation(record)
-                except (DecodeError, EventRejected) as exc:
-                    reason = exc.reason if isinstance(exc, EventRejected) else exc.reason_code
-                    out.append(
-                        p.dead_letter_record(
-                            value, stage=STAGE, reason=reason, message=str(exc), event=event
-                        )
-                    )
-                    continue
-                out.append(
-                    (
-                        p.profile_topic_name,
-                        value,
-                        record["customerId"].encode(),
-                        [(H_KIND, KIND_RECOMMENDATION)],
-                    )
-                )
-            await p.sender.send(out)
-            p.observe_batch(STAGE, events, out)
-            p.metrics.batch_seconds.labels(STAGE).observe(time.perf_counter() - started)
+        await run_batches(p, stream, STAGE, handle)
