@@ -188,6 +188,7 @@ def build_pipeline(
     from streams.identity import agents as identity_agents
     from streams.ingest import agents as ingest_agents
     from streams.profiles import agents as profile_agents
+    from streams.profiles.api import register_profile_api
     from streams.recommendations import agents as recommendation_agents
 
     serde = serde or AvroSerde.from_url(settings.schema_registry_url)
@@ -231,4 +232,5 @@ def build_pipeline(
     profile_agents.register(pipeline)
     if web_enabled:
         register_metrics(pipeline)
+    register_profile_api(pipeline)
     return pipeline

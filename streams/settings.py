@@ -19,7 +19,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Env prefixes owned by other settings models (sinks, stack, audiences...).
 #: The core settings leave those to their owners instead of rejecting them.
-DELEGATED_PREFIXES: tuple[str, ...] = ("CDP_SINK_", "CDP_STACK_", "CDP_AUDIENCE", "CDP_BENCH_")
+DELEGATED_PREFIXES: tuple[str, ...] = (
+    "CDP_SINK_",
+    "CDP_STACK_",
+    "CDP_AUDIENCE",
+    "CDP_BENCH_",
+    "CDP_PROFILE_API",
+    "CDP_STATUS_",
+)
 
 
 class UnknownSettingError(ValueError):
