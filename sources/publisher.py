@@ -45,6 +45,7 @@ from streams.settings import Settings, get_settings
 __all__ = [
     "DEFAULT_SOURCE_ID",
     "LIBRARY",
+    "PINNED_PRODUCER_SETTINGS",
     "DeliveryFailed",
     "DeliveryTracker",
     "EventPublisher",
@@ -63,6 +64,25 @@ DEFAULT_SOURCE_ID: Final = "publisher"
 LIBRARY: Final[dict[str, str]] = {"name": "cdpflow-publisher", "version": "0.1.0"}
 #: How many failed message ids a flush window keeps; the counts stay exact beyond it.
 MAX_FAILURES_KEPT: Final = 100_000
+#: librdkafka settings ``overrides`` may not change: they carry the library's promises
+#: (acks=all + idempotence: no loss, no duplicates from retries; murmur2: a key lands on
+#: the partition a Java, Go or Faust producer would pick; a delivery report per record).
+PINNED_PRODUCER_SETTINGS: Final = frozenset(
+    {
+        "acks",
+        "request.required.acks",
+        "enable.idempotence",
+        "partitioner",
+        "partitioner_cb",
+        "delivery.report.only.error",
+        "on_delivery",
+        "dr_cb",
+        "dr_msg_cb",
+    }
+)
+#: Avro ``long`` range: an epoch-millis value outside it cannot be encoded at all.
+_LONG_MIN: Final = -(2**63)
+_LONG_MAX: Final = 2**63 - 1
 
 #: When an event happened: aware or naive (= UTC) datetime, ISO-8601 text or epoch millis.
 Timestamp = datetime | str | int
@@ -207,7 +227,18 @@ def _generated_at_ms(value: datetime | int | None) -> int:
         raise EventRejected(
             Reason.INVALID_RECOMMENDATION, "generatedAt must be a datetime or epoch millis"
         )
+    if not _LONG_MIN <= value <= _LONG_MAX:
+        raise EventRejected(Reason.INVALID_RECOMMENDATION, "generatedAt is out of range")
     return value
+
+
+def _encode(encoder: Encoder, record: dict[str, Any], reason: Reason) -> bytes:
+    """Avro-encode a validated record; text Avro cannot carry (a lone surrogate such as
+    ``"\\ud800"`` is not UTF-8) is the caller's mistake, raised as EventRejected."""
+    try:
+        return encoder(record)
+    except (UnicodeError, OverflowError) as exc:
+        raise EventRejected(reason, f"unencodable value: {exc}") from exc
 
 
 def _bad_rec(message: str) -> EventRejected:
@@ -239,11 +270,17 @@ def _product(item: ProductInput, position: int) -> dict[str, Any]:
         raise _bad_rec(f"products[{position}] must be (productId, score) or a mapping")
     if not isinstance(product_id, str) or not product_id.strip():
         raise _bad_rec(f"products[{position}].productId must be a non-empty string")
-    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise _bad_rec(f"products[{position}].score must be a finite number")
+    try:
+        as_float = float(score)  # an int beyond the float range overflows here
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float):
         raise _bad_rec(f"products[{position}].score must be a finite number")
     return {
         "productId": product_id,
-        "score": float(score),
+        "score": as_float,
         "rank": position + 1,
         "reason": reason,
         "category": category,
@@ -303,13 +340,29 @@ class EventPublisher:
         block_when_full: bool = True,
         source_id: str = DEFAULT_SOURCE_ID,
         queue_timeout: float = 30.0,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        """``overrides`` tunes the producer this publisher creates (librdkafka property
+        names, e.g. ``{"linger.ms": 20, "batch.size": 262144}``); connection and
+        security settings come from ``settings``. The settings behind the delivery
+        guarantees (:data:`PINNED_PRODUCER_SETTINGS`) cannot be overridden.
+        """
+        if overrides:
+            if producer is not None:
+                raise ValueError("overrides tune the publisher's own producer; not with producer=")
+            pinned = sorted(set(overrides) & PINNED_PRODUCER_SETTINGS)
+            if pinned:
+                raise ValueError(f"{', '.join(pinned)} cannot be overridden (delivery guarantees)")
         self._settings = settings if settings is not None else get_settings()
         self._serde = (
             serde if serde is not None else AvroSerde.from_url(self._settings.schema_registry_url)
         )
         self._owns_producer = producer is None
-        self._producer = producer if producer is not None else ReliableProducer(self._settings)
+        self._producer = (
+            producer
+            if producer is not None
+            else ReliableProducer(self._settings, **dict(overrides or {}))
+        )
         self._block = block_when_full
         self._queue_timeout = queue_timeout
         self._source_id = source_id
@@ -335,12 +388,19 @@ class EventPublisher:
         encoder = self._event_encoder
         if encoder is None:
             encoder = self._event_encoder = self._serde.encoder(topics.EVENTS_RAW)
-        return encoder(record)
+        return _encode(encoder, record, Reason.SCHEMA_INVALID)
 
     def _prepare_event(self, message: Mapping[str, Any]) -> tuple[str, bytes, str]:
-        record = from_segment(
-            message, received_at_ms=_now_ms(), source_id=self._source_id, limits=self._limits
-        )
+        try:
+            record = from_segment(
+                message, received_at_ms=_now_ms(), source_id=self._source_id, limits=self._limits
+            )
+        except EventRejected:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A value JSON cannot hold (a set, a Decimal, an object) or a timestamp no
+            # clock can show: still the caller's mistake, still raised before sending.
+            raise EventRejected(Reason.SCHEMA_INVALID, f"unencodable message: {exc}") from exc
         value = self._encode_event(record)
         if len(value) > self._size_check_from:
             self._check_size(message, len(value))
@@ -375,7 +435,11 @@ class EventPublisher:
         encoder = self._rec_encoder
         if encoder is None:
             encoder = self._rec_encoder = self._serde.encoder(topics.RECOMMENDATIONS_UPDATES)
-        return customer_id, encoder(record), record["updateId"]
+        return (
+            customer_id,
+            _encode(encoder, record, Reason.INVALID_RECOMMENDATION),
+            record["updateId"],
+        )
 
     # -- handing records to the producer --
 
@@ -775,6 +839,14 @@ class EventPublisher:
 # -- Segment message builders (shared by the sync and async calls) --
 
 
+def _as_dict(value: Any) -> Any:
+    """The API takes any Mapping; the event rules (shared with the collector, which only
+    ever sees JSON objects) take dicts. Anything else is left for them to reject."""
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        return dict(value)
+    return value
+
+
 def _base(
     event_type: str,
     user_id: str | None,
@@ -794,11 +866,11 @@ def _base(
     elif isinstance(context, Mapping) and "library" not in context:
         msg["context"] = {**context, "library": LIBRARY}
     else:
-        msg["context"] = context
+        msg["context"] = _as_dict(context)
     if timestamp is not None:
         msg["timestamp"] = _timestamp_value(timestamp)
     if integrations is not None:
-        msg["integrations"] = integrations
+        msg["integrations"] = _as_dict(integrations)
     if message_id is not None:
         msg["messageId"] = message_id
     return msg
@@ -818,7 +890,7 @@ def _track(
     if event is not None:
         msg["event"] = event
     if properties is not None:
-        msg["properties"] = properties
+        msg["properties"] = _as_dict(properties)
     return msg
 
 
@@ -833,7 +905,7 @@ def _identify(
 ) -> dict[str, Any]:
     msg = _base("identify", user_id, anonymous_id, context, timestamp, integrations, message_id)
     if traits is not None:
-        msg["traits"] = traits
+        msg["traits"] = _as_dict(traits)
     return msg
 
 
@@ -855,7 +927,7 @@ def _view(
     if name is not None:
         msg["name"] = name
     if properties is not None:
-        msg["properties"] = properties
+        msg["properties"] = _as_dict(properties)
     return msg
 
 
@@ -873,7 +945,7 @@ def _group(
     if group_id is not None:
         msg["groupId"] = group_id
     if traits is not None:
-        msg["traits"] = traits
+        msg["traits"] = _as_dict(traits)
     return msg
 
 
