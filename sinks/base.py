@@ -9,13 +9,18 @@ breaker, dead letters and offset commits — the same way for every destination.
 
 from __future__ import annotations
 
+import base64
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # --------------------------------------------------------------------------- errors
 
@@ -42,7 +47,20 @@ class Throttled(Retryable):
 
 
 class Permanent(DeliveryError):
-    """The destination will never accept this item as it is: dead-letter it with the reason."""
+    """The destination will never accept this item as it is: dead-letter it with the reason.
+
+    Returned per item from :meth:`Destination.classify` it dead-letters that item.
+    *Raised* from ``classify`` it means the destination refused the whole request
+    (a 400 for the batch): the engine then splits the batch in halves and sends
+    each half again, so only the items that really fail end up dead-lettered.
+    """
+
+
+class RequestTooLarge(Permanent):
+    """413 / "payload too large" for the whole request: the engine halves the batch and resends.
+
+    A single item that is still too large on its own is dead-lettered with this reason.
+    """
 
 
 class ConfigError(DeliveryError):
@@ -63,12 +81,36 @@ class DestinationSettings(BaseSettings):
 
     endpoint: str = Field(description="Base URL (regional endpoints, or a local emulator).")
     enabled: bool = True
-    consent_categories: list[str] = Field(
+    consent_categories: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Consent categories (context.consent.categoryPreferences) an event must "
-        "grant to be sent here; empty = no consent needed.",
+        "grant to be sent here; empty = no consent needed. Env: comma-separated or JSON list.",
     )
     timeout_s: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("consent_categories", mode="before")
+    @classmethod
+    def _split_categories(cls, value: Any) -> Any:
+        """``Advertising,Analytics`` as well as ``["Advertising"]`` from the environment."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return orjson.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+
+#: Error type of :func:`not_configured`; with pydantic's own "missing" it means "not set up".
+NOT_CONFIGURED = "not_configured"
+
+
+def not_configured(message: str) -> PydanticCustomError:
+    """Raise from a settings validator when required credentials are absent altogether.
+
+    ``cdpflow sink run --all`` then reports the destination as not configured and
+    leaves it out, instead of failing the whole process the way a wrong value does.
+    """
+    return PydanticCustomError(NOT_CONFIGURED, message)
 
 
 class SinkLimits(BaseModel):
@@ -77,7 +119,10 @@ class SinkLimits(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     max_batch_events: int = Field(gt=0)
+    #: Sum of item sizes (+1 per item for the separator) in one request. Leave room
+    #: for the request envelope (``{"batch": [...], ...}``) below the vendor's limit.
     max_batch_bytes: int = Field(gt=0)
+    #: Items larger than this are dead-lettered as EVENT_TOO_LARGE before any request.
     max_event_bytes: int = Field(gt=0)
     max_requests_per_second: float | None = None
     max_concurrency: int = Field(4, gt=0)
@@ -96,6 +141,9 @@ class MappedEvent:
     item: dict[str, Any]
     size: int  # serialized bytes of ``item``, for batching by bytes
     source: Any = None  # engine bookkeeping (Kafka offset, original bytes); not for mappers
+    #: ``item`` already serialized (what ``size`` measured), so build_requests can join
+    #: bytes instead of serializing every item a second time. Optional.
+    encoded: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +201,13 @@ class Destination(ABC, Generic[S]):
     def map(self, enriched: Mapping[str, Any]) -> MappedEvent | None:
         """The destination's item for one EnrichedEvent (as decoded from Avro).
 
+        ``enriched`` is read-only: with several destinations in one process the
+        same decoded record is handed to each of them.
+
+        Timestamp fields (``timestamp-millis``) arrive as epoch-millisecond ints from
+        the engine's fast decoder and as datetimes from ``AvroSerde.decode``: read
+        them with ``streams.events.to_ms``, which takes both.
+
         Return None when the event does not apply (e.g. an alias for GA4): it is
         counted as skipped. Raise :class:`Permanent` when it can never be sent
         (too old for the API, unmappable): it is dead-lettered with the reason.
@@ -169,5 +224,72 @@ class Destination(ABC, Generic[S]):
         Raise :class:`Throttled` / :class:`Retryable` when the whole request must be
         retried, :class:`ConfigError` for bad credentials; return per-item
         :class:`Permanent` errors for partial failures (those items go to the DLQ,
-        the others count as delivered and must never be resent).
+        the others count as delivered and must never be resent). Raise
+        :class:`Permanent` (or :class:`RequestTooLarge`) when the destination refused
+        the request as a whole: the engine bisects the batch to find the culprits.
+        :func:`status_error` maps the common statuses.
         """
+
+
+# --------------------------------------------------------------------------- helpers
+# Shared by the destination modules so every one reads HTTP the same way.
+
+#: Longest wait we accept from a Retry-After header (analytics-python caps at 300 s too).
+MAX_RETRY_AFTER_S = 300.0
+
+
+def parse_retry_after(
+    headers: Mapping[str, str], *, cap: float = MAX_RETRY_AFTER_S
+) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or HTTP-date) or ``X-RateLimit-Reset``.
+
+    Header lookup is case-insensitive (aiohttp's CIMultiDict, or a plain dict).
+    None when the response names no delay; never negative, at most ``cap``.
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    for name in ("retry-after", "x-ratelimit-reset"):
+        raw = lowered.get(name)
+        if raw is None:
+            continue
+        raw = raw.strip()
+        try:
+            seconds = float(raw)
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                continue
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        if seconds != seconds:  # NaN
+            continue
+        return min(max(seconds, 0.0), cap)
+    return None
+
+
+def status_error(response: HttpResponse, detail: str = "") -> DeliveryError | None:
+    """The whole-request error an HTTP status means by the common rules (§8.1), or None for 2xx.
+
+    429 -> Throttled (with Retry-After); 408, 5xx except 501/505 -> Retryable;
+    401/403 -> ConfigError; 413 -> RequestTooLarge; any other status -> Permanent.
+    Destinations call it for the statuses they have no special meaning for.
+    """
+    status = response.status
+    if 200 <= status < 300:
+        return None
+    text = detail or f"HTTP {status}"
+    if status == 429:
+        return Throttled("RATE_LIMITED", text, parse_retry_after(response.headers))
+    if status == 408 or (status >= 500 and status not in (501, 505)):
+        return Retryable(f"HTTP_{status}", text)
+    if status in (401, 403):
+        return ConfigError("UNAUTHORIZED" if status == 401 else "FORBIDDEN", text)
+    if status == 413:
+        return RequestTooLarge("PAYLOAD_TOO_LARGE", text)
+    return Permanent(f"HTTP_{status}", text)
+
+
+def basic_auth(username: str, password: str = "") -> str:
+    """An ``Authorization`` header value for HTTP Basic (``user:password``, base64)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()

@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from sinks.cli import dlq_app, sink_app
 from streams.analytics_cli import register as register_analytics
 from streams.settings import Settings, UnknownSettingError
 from streams.stack.cli import stack_app
@@ -26,6 +27,8 @@ app.add_typer(stack_app, name="stack")
 topics_app = typer.Typer(help="Create and inspect cdpflow's topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 register_analytics(app)
+app.add_typer(sink_app, name="sink")
+app.add_typer(dlq_app, name="dlq")
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)

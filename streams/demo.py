@@ -207,6 +207,7 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
     log_dir = manager.paths.logs
     log_dir.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
+    cluster: Any = None
     try:
         from streams.topics import ensure_topics
 
@@ -217,6 +218,7 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         }
         worker = Child("worker", ["worker"], env, log_dir)
         children.append(worker)
+        cluster, sink_names = _start_sinks(settings, env, log_dir, children)
         collector = Child("collector", ["collector"], env, log_dir)
         children.append(collector)
         collector_url = f"http://127.0.0.1:{port}"
@@ -262,6 +264,7 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         raw = read_from(settings, topics.EVENTS_RAW, start[topics.EVENTS_RAW])
         dead = read_from(settings, topics.EVENTS_DLQ, start[topics.EVENTS_DLQ])
         _report(raw, enriched, dead, expected)
+        delivered = _await_destinations(cluster, sink_names, len(enriched))
         sample = next(
             (
                 e
@@ -273,7 +276,11 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         if sample is not None:
             console.rule("one enriched record (cdp.events.enriched, decoded)")
             console.print_json(data=sample, default=str)
-        ok = len(enriched) >= expected and len(dead) >= bad["http_rejected"] + 1
+        ok = (
+            len(enriched) >= expected
+            and len(dead) >= bad["http_rejected"] + 1
+            and all(n > 0 for n in delivered.values())
+        )
         console.rule(
             f"[{'green' if ok else 'red'}]demo {'passed' if ok else 'FAILED'} "
             f"in {time.monotonic() - t0:.0f}s"
@@ -288,9 +295,66 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         else:
             for child in reversed(children):
                 child.stop()
+            if cluster is not None:
+                cluster.stop()
             gc.collect()  # close our Kafka clients before the broker goes away
             if info.started:
                 manager.down()
+
+
+def _start_sinks(
+    settings: Settings, env: dict[str, str], log_dir: Path, children: list[Child]
+) -> tuple[Any, list[str]]:
+    """Destination emulators in a child process and `cdpflow sink run --all` against them.
+
+    The demo's sink groups start at the current end of the enriched topic, so the
+    demo delivers what it sends, not the topic's whole history.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    from sinks.emulators import start_all
+    from sinks.engine import emulator_env
+
+    cluster = start_all(mode="process")
+    env.update(emulator_env(cluster))
+    prefix = "cdpflow-demo-sink-"
+    env["CDP_SINK_GROUP_PREFIX"] = prefix
+    names = sorted(cluster.urls)
+    ends = end_offsets(settings, topics.EVENTS_ENRICHED)
+    for name in names:
+        consumer = Consumer({**settings.librdkafka_common(), "group.id": prefix + name})
+        consumer.commit(
+            offsets=[TopicPartition(topics.EVENTS_ENRICHED, p, o) for p, o in ends.items()],
+            asynchronous=False,
+        )
+        consumer.close()
+    children.append(Child("sinks", ["sink", "run", "--all"], env, log_dir))
+    console.print(f"sinks → emulators: {', '.join(f'{n} {u}' for n, u in cluster.urls.items())}")
+    return cluster, names
+
+
+def _await_destinations(cluster: Any, names: list[str], enriched: int) -> dict[str, int]:
+    """Wait until every emulator stops growing, then show what each one accepted."""
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    stable = 0
+    while time.monotonic() < deadline and stable < 3:
+        now = {n: int(cluster.state(n, items=False)["uniqueCount"]) for n in names}
+        stable = stable + 1 if now == counts and all(now.values()) else 0
+        counts = now
+        time.sleep(1)
+    table = Table(title="what each destination emulator accepted (unique dedupe keys)")
+    table.add_column("destination")
+    table.add_column("accepted", justify="right")
+    table.add_column("note")
+    notes = {
+        "ga4": "web events inside GA4's 72 h window (older ones: DLQ GA4_TOO_OLD)",
+        "mixpanel": "alias/group are skipped (Simplified ID Merge)",
+    }
+    for name in names:
+        table.add_row(name, str(counts.get(name, 0)), notes.get(name, f"of {enriched} enriched"))
+    console.print(table)
+    return counts
 
 
 def _report(
