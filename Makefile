@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PACKAGES := streams sources sinks schemas
 
-.PHONY: setup demo test lint typecheck unit stack-up stack-down clean
+.PHONY: setup demo test bench lint typecheck stack-up stack-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ typecheck: setup
 ## otherwise they start (and stop) the local one.
 test: lint typecheck
 	$(BIN)/pytest
+
+## Benchmark on a dedicated local stack (prints a markdown table, writes .bench/results.json):
+## cdpflow's worker vs a bare confluent-kafka loop vs Quix Streams, scale-out, latency.
+## CDP_BENCH_EVENTS sets N (default 200000).
+bench: setup
+	$(BIN)/python -m bench.run
 
 stack-up: setup
 	$(BIN)/cdpflow stack up

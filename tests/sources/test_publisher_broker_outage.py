@@ -12,8 +12,8 @@ exactly the messages whose futures failed.
 
 A failed future does not prove the record is absent (the broker may have
 written it and died before acknowledging): those are counted and reported,
-not asserted on. The caller decides whether to resend them; the pipeline
-de-duplicates by messageId.
+not asserted on, as are records written twice. The caller decides whether to
+resend failed ones (with the same messageId, which destinations de-duplicate on).
 """
 
 from __future__ import annotations

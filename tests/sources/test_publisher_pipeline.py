@@ -28,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -564,7 +565,7 @@ def test_security_settings_and_tuning_reach_the_publishers_producer(
     which also shows that the SASL credentials are never logged in clear.
     """
     ca = tmp_path / "ca.pem"
-    ca.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
+    ca.write_bytes(Path(certifi.where()).read_bytes())  # any valid PEM bundle will do
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing to connect to
     monkeypatch.setenv("SCHEMA_REGISTRY_URL", stack.registry_url)
     monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
