@@ -76,6 +76,41 @@ def _start_containers() -> tuple[StackEndpoints, list[object]]:
     return StackEndpoints(kafka.get_bootstrap_server(), url), [registry, kafka]
 
 
+def _warm_up(endpoints: StackEndpoints, timeout: float = 120.0) -> None:
+    """Create the pipeline topics and wait until the group coordinator takes commits.
+
+    On a brand-new broker the first offset commit waits for __consumer_offsets to
+    be created and loaded; tests that start consumer groups at a topic's end
+    would otherwise race that on whichever test happens to run first.
+    """
+    import time
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from streams import topics
+    from streams.topics import ensure_topics
+
+    settings = Settings(kafka_bootstrap_servers=endpoints.bootstrap_servers)
+    ensure_topics(settings)
+    consumer = Consumer(
+        {"bootstrap.servers": endpoints.bootstrap_servers, "group.id": "cdpflow-test-warmup"}
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                consumer.commit(
+                    offsets=[TopicPartition(topics.EVENTS_RAW, 0, 0)], asynchronous=False
+                )
+                return
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"Kafka group coordinator not ready: {exc}") from exc
+                time.sleep(1)
+    finally:
+        consumer.close()
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[StackEndpoints]:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -94,6 +129,7 @@ def stack() -> Iterator[StackEndpoints]:
     # Fail loudly (never skip) when the broker does not answer.
     md = AdminClient({"bootstrap.servers": endpoints.bootstrap_servers}).list_topics(timeout=30)
     assert md.brokers, f"Kafka at {endpoints.bootstrap_servers} has no brokers"
+    _warm_up(endpoints)
     yield endpoints
     if started is not None:
         started.down()  # type: ignore[attr-defined]
