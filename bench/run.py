@@ -539,12 +539,6 @@ def run_scenario(ctx: Context, name: str, starter: Starter) -> dict[str, Any]:
     procs, ready_s = start_ready(ctx, name, starter, group)
     result: dict[str, Any] = {"processes": len(procs), "group": group, "ready_s": round(ready_s, 1)}
     progress(f"{name}: {len(procs)} process(es) ready in {ready_s:.1f} s")
-    peaks: list[float] = []
-
-    def keep_peaks() -> None:
-        now = [measure.peak_rss_mb(p.pid) for p in procs]
-        peaks[:] = [max(pair) for pair in zip(peaks, now, strict=True)] if peaks else now
-
     try:
         if ctx.latency_rate is None or cfg.latency_s <= 0:
             result.update(throughput_phase(ctx, name, procs))
@@ -564,7 +558,7 @@ def run_scenario(ctx: Context, name: str, starter: Starter) -> dict[str, Any]:
         else:
             result.update(run_latency(ctx, procs))
             result.update(throughput_phase(ctx, name, procs))
-        keep_peaks()
+        peaks = [measure.peak_rss_mb(p.pid) for p in procs]
         result["peak_rss_mib_per_process"] = [round(x, 1) for x in peaks]
         result["peak_rss_mib"] = sum(peaks)
         return result

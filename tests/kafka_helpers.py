@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def confluent_deserializer(registry_url: str) -> AvroDeserializer:
+    """Confluent's own AvroDeserializer with the topic-name strategy set explicitly.
+
+    confluent-kafka >= 2.14 defaults to AssociatedNameStrategy, which first asks
+    the registry's /associations endpoint; Apicurio does not have it and, on a
+    fresh KafkaSQL registry, the request hangs instead of answering 404.
+    """
+    return AvroDeserializer(
+        SchemaRegistryClient({"url": registry_url, "timeout": 30}),
+        conf={"subject.name.strategy": topic_subject_name_strategy},
+    )
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -36,7 +49,7 @@ class TopicReader:
 
     def __init__(self, bootstrap: str, registry_url: str, topic: str, start: dict[int, int]):
         self.topic = topic
-        self._deser = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
+        self._deser = confluent_deserializer(registry_url)
         self._ctx = SerializationContext(topic, MessageField.VALUE)
         self._consumer = Consumer(
             {

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+
+from tests.kafka_helpers import confluent_deserializer
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TopicTail:
         self.partitions = sorted(md.topics[topic].partitions)
         assert self.partitions, f"topic {topic} has no partitions"
         self.start = self._ends()
-        self.deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
+        self.deserialize = confluent_deserializer(registry_url)
 
     def _ends(self) -> dict[int, int]:
         return {

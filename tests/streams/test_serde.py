@@ -6,8 +6,8 @@ import json
 import struct
 
 import pytest
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
+from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from streams import schemas, topics
@@ -21,6 +21,7 @@ from streams.serde import (
     UnknownSchemaId,
 )
 from tests.conftest import StackEndpoints
+from tests.kafka_helpers import confluent_deserializer
 
 ARBITRARY = {
     "nested": {"a": [1, 2.5, None, True, False, {"deep": ["x", {"y": -0.0}]}]},
@@ -60,7 +61,7 @@ def test_round_trip_keeps_arbitrary_json_exactly(serde: AvroSerde) -> None:
 def test_confluent_deserializer_reads_our_bytes(serde: AvroSerde, stack: StackEndpoints) -> None:
     record = _event()
     data = serde.encode(topics.EVENTS_RAW, record)
-    deser = AvroDeserializer(SchemaRegistryClient({"url": stack.registry_url}))
+    deser = confluent_deserializer(stack.registry_url)
     value = deser(data, SerializationContext(topics.EVENTS_RAW, MessageField.VALUE))
     assert value["messageId"] == record["messageId"]
     assert json.loads(value["properties"]) == ARBITRARY
@@ -72,7 +73,11 @@ def test_we_read_confluent_serializer_bytes(serde: AvroSerde, stack: StackEndpoi
     ser = AvroSerializer(
         client,
         schemas.schema_text(schemas.CUSTOMER_EVENT),
-        conf={"auto.register.schemas": True, "normalize.schemas": False},
+        conf={
+            "auto.register.schemas": True,
+            "normalize.schemas": False,
+            "subject.name.strategy": topic_subject_name_strategy,
+        },
     )
     record = _event()
     data = ser(record, SerializationContext(topics.EVENTS_RAW, MessageField.VALUE))
