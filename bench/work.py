@@ -14,12 +14,12 @@ originals.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from streams.events import EventRejected, Reason, to_ms
+from streams.events import check_recommendation as check_recommendation  # re-export
+from streams.events import to_ms
 from streams.profiles.enrich import build_enriched, merge_traits, recommendation_state
 
 PIPELINE_VERSION = "0.1.0"
@@ -63,24 +63,6 @@ def resolve_profile(
     if linked:
         return str(linked), True
     return ANON_PREFIX + anon_id, False
-
-
-def check_recommendation(record: Mapping[str, Any]) -> None:
-    """As ``streams.recommendations.agents.check_recommendation``."""
-    if not record.get("customerId"):
-        raise EventRejected(Reason.INVALID_RECOMMENDATION, "customerId is empty")
-    seen: set[str] = set()
-    for product in record.get("products") or []:
-        pid = product.get("productId")
-        if not pid:
-            raise EventRejected(Reason.INVALID_RECOMMENDATION, "a product has an empty productId")
-        if pid in seen:
-            raise EventRejected(Reason.INVALID_RECOMMENDATION, f"product {pid!r} listed twice")
-        seen.add(pid)
-        if not math.isfinite(product.get("score", math.nan)):
-            raise EventRejected(
-                Reason.INVALID_RECOMMENDATION, f"product {pid!r} has no finite score"
-            )
 
 
 def newer_recommendations(

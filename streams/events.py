@@ -9,6 +9,7 @@ came in. Every rejection carries a stable reason code for the DLQ.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -355,6 +356,24 @@ def check_rules(
             Reason.TIMESTAMP_TOO_OLD,
             f"timestamp is older than {limits.max_age_ms // 86_400_000} days",
         )
+
+
+def check_recommendation(record: Mapping[str, Any]) -> None:
+    """The rules a RecommendationUpdate must pass (worker, publisher-independent, bench)."""
+    if not record.get("customerId"):
+        raise EventRejected(Reason.INVALID_RECOMMENDATION, "customerId is empty")
+    seen: set[str] = set()
+    for product in record.get("products") or []:
+        pid = product.get("productId")
+        if not pid:
+            raise EventRejected(Reason.INVALID_RECOMMENDATION, "a product has an empty productId")
+        if pid in seen:
+            raise EventRejected(Reason.INVALID_RECOMMENDATION, f"product {pid!r} listed twice")
+        seen.add(pid)
+        if not math.isfinite(product.get("score", math.nan)):
+            raise EventRejected(
+                Reason.INVALID_RECOMMENDATION, f"product {pid!r} has no finite score"
+            )
 
 
 def identity_key(record: Mapping[str, Any]) -> str:

@@ -7,34 +7,16 @@ partition, in order, whatever key or partitioner the model service used.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from sources.kafka_producer import OutRecord
 from streams import schemas
-from streams.events import EventRejected, Reason
+from streams.events import EventRejected, check_recommendation
 from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline, run_batches
 from streams.serde import DecodeError
 
 STAGE = "recommendations"
-
-
-def check_recommendation(record: dict[str, Any]) -> None:
-    if not record.get("customerId"):
-        raise EventRejected(Reason.INVALID_RECOMMENDATION, "customerId is empty")
-    seen: set[str] = set()
-    for product in record.get("products") or []:
-        pid = product.get("productId")
-        if not pid:
-            raise EventRejected(Reason.INVALID_RECOMMENDATION, "a product has an empty productId")
-        if pid in seen:
-            raise EventRejected(Reason.INVALID_RECOMMENDATION, f"product {pid!r} listed twice")
-        seen.add(pid)
-        if not math.isfinite(product.get("score", math.nan)):
-            raise EventRejected(
-                Reason.INVALID_RECOMMENDATION, f"product {pid!r} has no finite score"
-            )
 
 
 def register(p: Pipeline) -> None:
