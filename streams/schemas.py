@@ -16,6 +16,7 @@ CUSTOMER_EVENT = "cdpflow.CustomerEvent"
 ENRICHED_EVENT = "cdpflow.EnrichedEvent"
 RECOMMENDATION_UPDATE = "cdpflow.RecommendationUpdate"
 DEAD_LETTER = "cdpflow.DeadLetter"
+AUDIENCE_UPDATE = "cdpflow.AudienceUpdate"
 
 #: The value schema of each public topic (subject ``<topic>-value``).
 TOPIC_SCHEMAS: dict[str, str] = {
@@ -23,6 +24,7 @@ TOPIC_SCHEMAS: dict[str, str] = {
     topics.EVENTS_ENRICHED: ENRICHED_EVENT,
     topics.EVENTS_DLQ: DEAD_LETTER,
     topics.RECOMMENDATIONS_UPDATES: RECOMMENDATION_UPDATE,
+    topics.AUDIENCES_UPDATES: AUDIENCE_UPDATE,
 }
 
 
