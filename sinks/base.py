@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import base64
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import aiohttp
 
 # --------------------------------------------------------------------------- errors
 
@@ -138,7 +141,9 @@ class MappedEvent:
 
     message_id: str  # the original messageId: the dedupe key everywhere
     order_key: str  # profileId: items with the same key keep their order
-    item: dict[str, Any]
+    #: The destination's item: a JSON-ready dict for most; audience destinations use
+    #: :class:`sinks.audience_base.AudienceItem`. Only the destination reads it.
+    item: Any
     size: int  # serialized bytes of ``item``, for batching by bytes
     source: Any = None  # engine bookkeeping (Kafka offset, original bytes); not for mappers
     #: ``item`` already serialized (what ``size`` measured), so build_requests can join
@@ -156,6 +161,9 @@ class HttpRequest:
     #: Header names / query params holding secrets, removed before a request is dead-lettered.
     secret_headers: tuple[str, ...] = ("authorization",)
     secret_params: tuple[str, ...] = ()
+    #: The destination's own notes for :meth:`Destination.send` (e.g. which user list a
+    #: Google Ads job is for); the engine never reads it.
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -180,6 +188,10 @@ class HttpResponse:
 
 S = TypeVar("S", bound=DestinationSettings)
 
+#: What a destination consumes: enriched events (``cdp.events.enriched``) or audience
+#: membership changes (``cdp.audiences.updates``, AudienceUpdate records).
+SourceKind = Literal["enriched", "audience"]
+
 
 class Destination(ABC, Generic[S]):
     """One destination. Stateless apart from its settings; the engine owns all I/O."""
@@ -189,9 +201,39 @@ class Destination(ABC, Generic[S]):
     #: Names the Segment ``integrations`` object uses for it (``{"Mixpanel": false}``).
     integration_names: ClassVar[tuple[str, ...]]
     settings_cls: ClassVar[type[DestinationSettings]]
+    #: Which topic it reads; ``map`` receives that topic's decoded record.
+    source: ClassVar[SourceKind] = "enriched"
+    #: True when one logical request is several HTTP calls (Google Ads: create a job,
+    #: add operations, run it): the engine then calls :meth:`send` instead of making
+    #: one HTTP request itself, and classifies what ``send`` returns.
+    multi_call: ClassVar[bool] = False
 
     def __init__(self, settings: S) -> None:
         self.settings = settings
+
+    async def send(self, session: aiohttp.ClientSession, request: HttpRequest) -> HttpResponse:
+        """Perform a multi-call request (only with ``multi_call = True``).
+
+        Return the response that decides the outcome (the first failing call's,
+        else the last one's); let aiohttp's connection errors and timeouts
+        propagate, the engine turns them into retries like for a single call.
+        Everything ``send`` does must be safe to repeat: a retry calls it again.
+        """
+        raise NotImplementedError(f"{self.name} sets multi_call but does not implement send()")
+
+    async def preflight(
+        self,
+        request: HttpRequest,
+        send: Callable[[HttpRequest], Awaitable[HttpResponse]],
+    ) -> list[ItemOutcome] | None:
+        """Optional check of a request before it is sent for real (GA4's validate mode).
+
+        Return per-item outcomes (failed items are dead-lettered, the rest sent),
+        or None for "no check" (the default). ``send`` makes one plain HTTP call.
+        The engine calls it once per request, not per retry; if the check itself
+        cannot be made (network, 5xx) the request is sent unchecked.
+        """
+        return None
 
     @property
     @abstractmethod

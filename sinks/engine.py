@@ -49,7 +49,7 @@ from aiohttp import web
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from fastavro import parse_schema, schemaless_reader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sinks import registry as sink_registry
@@ -86,7 +86,7 @@ from sinks.routing import NOT_APPLICABLE, skip_reason
 from sources.kafka_producer import ReliableProducer
 from streams import topics
 from streams.events import now_ms, to_ms
-from streams.schemas import ENRICHED_EVENT
+from streams.schemas import AUDIENCE_UPDATE, ENRICHED_EVENT
 from streams.serde import (
     HEADER,
     MAGIC_BYTE,
@@ -123,7 +123,12 @@ class SinkEngineSettings(BaseSettings):
     )
     metrics_host: str = "127.0.0.1"
     group_prefix: str = Field("cdpflow-sink-", description="Consumer group = prefix + name.")
-    source_topic: str = Field(topics.EVENTS_ENRICHED, description="Topic the sinks read.")
+    source_topic: str = Field(
+        topics.EVENTS_ENRICHED, description="Topic the event destinations read."
+    )
+    audience_topic: str = Field(
+        topics.AUDIENCES_UPDATES, description="Topic the ad-audience destinations read."
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new consumer group starts (earliest = deliver history)."
     )
@@ -189,7 +194,26 @@ def check_sink_env(
     reject_unknown_env(SINK_ENV_PREFIX, engine_known, tuple(prefixes.values()), environ)
     for name, cls in classes.items():
         prefix = prefixes[name]
-        reject_unknown_env(prefix, [prefix + f for f in cls.settings_cls.model_fields], (), environ)
+        reject_unknown_env(prefix, settings_env_names(prefix, cls.settings_cls), (), environ)
+
+
+def settings_env_names(prefix: str, settings_cls: type[BaseSettings]) -> list[str]:
+    """Every env name a settings class reads: ``prefix + field`` and its aliases.
+
+    An alias is taken as a full env name when it already starts with the prefix
+    (``CDP_SINK_GA4_VALIDATE``), else as a field-like name under the prefix.
+    """
+    names: list[str] = []
+    for field_name, info in settings_cls.model_fields.items():
+        names.append(prefix + field_name)
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        for choice in choices:
+            if isinstance(choice, str):
+                names.append(choice if choice.upper().startswith(prefix) else prefix + choice)
+        if info.alias:
+            names.append(prefix + info.alias)
+    return names
 
 
 @dataclass
@@ -250,8 +274,8 @@ def _without_logical_types(node: Any) -> Any:
     return node
 
 
-class EnrichedDecoder:
-    """Wire-format EnrichedEvent -> dict, with timestamps left as epoch milliseconds.
+class RecordDecoder:
+    """Wire-format record of one type -> dict, with timestamps left as epoch milliseconds.
 
     Decoding is most of a sink's CPU, and most of fastavro's time goes into
     building a tz-aware datetime for every timestamp-millis (five per record),
@@ -261,8 +285,9 @@ class EnrichedDecoder:
     Records of another type are refused like ``AvroSerde.decode(reader=...)``.
     """
 
-    def __init__(self, serde: AvroSerde) -> None:
+    def __init__(self, serde: AvroSerde, record: str = ENRICHED_EVENT) -> None:
         self.serde = serde
+        self.record = record
         self._schemas: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -287,9 +312,9 @@ class EnrichedDecoder:
 
     def _load(self, schema_id: int) -> Any:
         writer = self.serde.registry.writer_schema(schema_id)  # typed errors, cached
-        if writer.get("name") != ENRICHED_EVENT:
+        if writer.get("name") != self.record:
             raise SchemaMismatch(
-                f"schema id {schema_id} is {writer.get('name')}, expected {ENRICHED_EVENT}"
+                f"schema id {schema_id} is {writer.get('name')}, expected {self.record}"
             )
         try:
             text = self.serde.registry.client.get_schema(schema_id).schema_str
@@ -354,7 +379,8 @@ class Preparer:
         shared: SharedDecodes | None = None,
     ) -> None:
         self.destination = destination
-        self.decoder = EnrichedDecoder(serde)
+        self.audience = destination.source == "audience"
+        self.decoder = RecordDecoder(serde, AUDIENCE_UPDATE if self.audience else ENRICHED_EVENT)
         self.shared = shared
         self.names = tuple(destination.integration_names)
         self.consent = list(destination.settings.consent_categories)
@@ -372,15 +398,25 @@ class Preparer:
                 return Prepared(source, error=Permanent(exc.reason_code, str(exc)))
             if self.shared is not None:
                 self.shared.put(key, enriched)
-        event = enriched["event"]
-        source.message_id = event["messageId"]
-        source.event_type = event["type"]
-        source.event_name = event.get("event") or event.get("name")
-        source.timestamp_ms = to_ms(event["timestamp"])
-        source.received_at_ms = to_ms(event["receivedAt"])
-        reason = skip_reason(enriched, self.names, self.consent)
-        if reason is not None:
-            return Prepared(source, skip=reason)
+        if self.audience:
+            # Consent was decided upstream: the audience agent never adds a profile
+            # without it and removes it on withdrawal; these updates must all go out.
+            source.message_id = enriched["updateId"]
+            source.event_type = enriched["action"]
+            source.event_name = enriched["audience"]
+            source.timestamp_ms = to_ms(enriched["occurredAt"])
+            received = enriched.get("triggerReceivedAt")
+            source.received_at_ms = to_ms(received) if received is not None else None
+        else:
+            event = enriched["event"]
+            source.message_id = event["messageId"]
+            source.event_type = event["type"]
+            source.event_name = event.get("event") or event.get("name")
+            source.timestamp_ms = to_ms(event["timestamp"])
+            source.received_at_ms = to_ms(event["receivedAt"])
+            reason = skip_reason(enriched, self.names, self.consent)
+            if reason is not None:
+                return Prepared(source, skip=reason)
         try:
             mapped = self.destination.map(enriched)
         except Permanent as exc:
@@ -480,8 +516,11 @@ class Deliverer:
         no two requests share an order key, their relative order cannot matter;
         when any do, the requests go strictly in order.
         """
+        return await self.deliver_requests(self.destination.build_requests(list(batch)))
+
+    async def deliver_requests(self, requests: list[HttpRequest]) -> list[Failure]:
+        """Send requests already built (``deliver``, and full re-syncs that build their own)."""
         failures: list[Failure] = []
-        requests = self.destination.build_requests(list(batch))
         if len(requests) > 1 and _disjoint(requests):
             await asyncio.gather(*(self._send(r, failures) for r in requests))
         else:
@@ -490,6 +529,47 @@ class Deliverer:
         return failures
 
     async def _send(self, request: HttpRequest, failures: list[Failure]) -> None:
+        passed = await self._preflight(request, failures)
+        if passed is None:
+            await self._transmit(request, failures)
+            return
+        if passed:
+            for sub in self.destination.build_requests(passed):
+                await self._transmit(sub, failures)
+
+    async def _preflight(
+        self, request: HttpRequest, failures: list[Failure]
+    ) -> list[MappedEvent] | None:
+        """The items the destination's preflight check passed; None = send all as they are."""
+        try:
+            outcomes = await self.destination.preflight(request, self._plain_send)
+        except (DeliveryError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning(
+                "%s: preflight check failed (%s); sending unchecked",
+                self.name,
+                exc.reason if isinstance(exc, DeliveryError) else type(exc).__name__,
+            )
+            return None
+        if outcomes is None or all(o.error is None for o in outcomes):
+            return None
+        passed: list[MappedEvent] = []
+        for item, outcome in zip(request.items, outcomes, strict=True):
+            if outcome.error is None:
+                passed.append(item)
+            else:
+                failures.append(Failure(item, outcome.error, request, None, 1))
+        return passed
+
+    async def _plain_send(self, request: HttpRequest) -> HttpResponse:
+        """One HTTP call, no retries: what a preflight check is made with."""
+        started = time.monotonic()
+        async with self.session.request(
+            request.method, request.url, data=request.body, headers=request.headers
+        ) as resp:
+            body = await resp.read()
+            return HttpResponse(resp.status, resp.headers, body, time.monotonic() - started)
+
+    async def _transmit(self, request: HttpRequest, failures: list[Failure]) -> None:
         attempt = 0
         first_failure: float | None = None
         while True:
@@ -525,7 +605,7 @@ class Deliverer:
                     half = len(request.items) // 2
                     for part in (request.items[:half], request.items[half:]):
                         for sub in self.destination.build_requests(part):
-                            await self._send(sub, failures)
+                            await self._transmit(sub, failures)
                 else:
                     failures.extend(
                         Failure(item, error, request, response, attempt) for item in request.items
@@ -570,11 +650,17 @@ class Deliverer:
     ) -> tuple[HttpResponse | None, list[ItemOutcome] | None, DeliveryError | None]:
         started = time.monotonic()
         try:
-            async with self.session.request(
-                request.method, request.url, data=request.body, headers=request.headers
-            ) as resp:
-                body = await resp.read()
-                response = HttpResponse(resp.status, resp.headers, body, time.monotonic() - started)
+            if self.destination.multi_call:
+                response = await self.destination.send(self.session, request)
+                response.elapsed_s = time.monotonic() - started
+            else:
+                async with self.session.request(
+                    request.method, request.url, data=request.body, headers=request.headers
+                ) as resp:
+                    body = await resp.read()
+                    response = HttpResponse(
+                        resp.status, resp.headers, body, time.monotonic() - started
+                    )
         except TimeoutError:
             self._requests.labels(self.name, "timeout").inc()
             return None, None, Retryable("TIMEOUT", "no response within the timeout")
@@ -636,6 +722,28 @@ class Deliverer:
             )
             self._last_retry_log = now
             self._retries_since_log = 0
+
+
+def standalone_deliverer(
+    destination: Destination[Any],
+    session: aiohttp.ClientSession,
+    engine: SinkEngineSettings,
+    stats: RunnerStats | None = None,
+) -> Deliverer:
+    """A Deliverer outside a runner (DLQ replay, full audience syncs): own breaker and metrics."""
+    return Deliverer(
+        destination,
+        session,
+        policy=engine.retry_policy(),
+        breaker=CircuitBreaker(
+            engine.breaker_failure_threshold,
+            engine.breaker_cooldown_s,
+            engine.breaker_max_cooldown_s,
+        ),
+        metrics=SinkMetrics(),
+        stats=stats if stats is not None else RunnerStats(),
+        scrub=Scrubber(secret_values(destination.settings)),
+    )
 
 
 def _disjoint(requests: list[HttpRequest]) -> bool:
@@ -700,7 +808,7 @@ RunnerState = Literal["starting", "running", "stopping", "stopped", "failed"]
 
 
 class SinkRunner:
-    """One destination consuming ``cdp.events.enriched`` in its own consumer group."""
+    """One destination consuming its source topic in its own consumer group."""
 
     def __init__(
         self,
@@ -716,7 +824,9 @@ class SinkRunner:
         self.name = destination.name
         self.settings = settings
         self.engine = engine
-        self.topic = engine.source_topic
+        self.topic = (
+            engine.audience_topic if destination.source == "audience" else engine.source_topic
+        )
         self.group = f"{engine.group_prefix}{self.name}"
         self.limits = destination.limits
         self.dlq = dlq
@@ -1251,12 +1361,21 @@ class SinkService:
             await asyncio.to_thread(codec.encoder, name)  # register the DLQ schema up front
         self._producer = ReliableProducer(self.settings, **DLQ_PRODUCER_OVERRIDES)
         writer = DeadLetterWriter(self._producer, codec)
-        shared = None
-        if len(self.destinations) > 1 and self.engine.shared_decode_cache > 0:
-            shared = SharedDecodes(self.engine.shared_decode_cache)
+        # One cache per source topic: (partition, offset) only names a record within one.
+        shared: dict[str, SharedDecodes] = {}
+        if self.engine.shared_decode_cache > 0:
+            for kind in {d.source for d in self.destinations}:
+                if sum(d.source == kind for d in self.destinations) > 1:
+                    shared[kind] = SharedDecodes(self.engine.shared_decode_cache)
         for dest in self.destinations:
             self.runners[dest.name] = SinkRunner(
-                dest, self.settings, self.engine, self.serde, writer, self.metrics, shared
+                dest,
+                self.settings,
+                self.engine,
+                self.serde,
+                writer,
+                self.metrics,
+                shared.get(dest.source),
             )
         site_runner = await self._serve_metrics()
         tasks = {

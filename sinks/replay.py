@@ -25,7 +25,6 @@ from typing import Any
 
 from sinks.base import Destination, MappedEvent
 from sinks.batching import split_by_limits
-from sinks.breaker import CircuitBreaker
 from sinks.dlq import (
     DLQ_PRODUCER_OVERRIDES,
     DeadLetterEntry,
@@ -40,8 +39,16 @@ from sinks.dlq import (
     read_dead_letters,
     secret_values,
 )
-from sinks.engine import Deliverer, Failure, Prepared, Preparer, SinkEngineSettings, make_session
-from sinks.metrics import RunnerStats, SinkMetrics
+from sinks.engine import (
+    Deliverer,
+    Failure,
+    Prepared,
+    Preparer,
+    SinkEngineSettings,
+    make_session,
+    standalone_deliverer,
+)
+from sinks.metrics import RunnerStats
 from sources.kafka_producer import ReliableProducer
 from streams.serde import AvroSerde, RegistryUnavailable
 from streams.settings import Settings
@@ -97,19 +104,7 @@ async def replay_dead_letters(
     reader = read_dead_letters(settings, codec, name, bounds)
     try:
         async with make_session(destination) as session:
-            deliverer = Deliverer(
-                destination,
-                session,
-                policy=engine.retry_policy(),
-                breaker=CircuitBreaker(
-                    engine.breaker_failure_threshold,
-                    engine.breaker_cooldown_s,
-                    engine.breaker_max_cooldown_s,
-                ),
-                metrics=SinkMetrics(),
-                stats=stats,
-                scrub=scrub,
-            )
+            deliverer = standalone_deliverer(destination, session, engine, stats)
             while True:
                 chunk = await asyncio.to_thread(_next_chunk, reader)
                 if not chunk:

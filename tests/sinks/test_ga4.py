@@ -24,6 +24,7 @@ from sinks.base import (
     Throttled,
 )
 from sinks.emulators import Ga4Emulator
+from sinks.engine import SinkEngineSettings, check_sink_env, make_session, standalone_deliverer
 from sinks.ga4 import (
     CLIENT_ID_RE,
     NAME_RE,
@@ -33,6 +34,7 @@ from sinks.ga4 import (
     Ga4Settings,
     ga4_name,
 )
+from streams.settings import UnknownSettingError
 from tests.sinks.emulators import (
     ECOMMERCE,
     TRAITS,
@@ -411,3 +413,45 @@ async def test_validate_mode_catches_invalid_events(http: aiohttp.ClientSession)
         off = dest(url)
         assert all(o.ok for o in await off.preflight(request, transport))
         assert len(calls) == 1  # validate off: no extra request
+
+
+async def test_engine_runs_validate_mode_before_sending(http: aiohttp.ClientSession) -> None:
+    """With CDP_SINK_GA4_VALIDATE the engine dead-letters what the debug endpoint flags
+    and sends only the rest, once: one debug round trip, then one real request."""
+    emu = Ga4Emulator(streams={MID: SECRET})
+    async with emu.serve() as url:
+        d = dest(url, validate=True)
+        batch = [
+            mapped(d, segment_message(message_id=f"e{i}", anonymous_id="dev")) for i in range(3)
+        ]
+        batch[1].item["event"]["name"] = "_bad name"
+        async with make_session(d) as session:
+            deliverer = standalone_deliverer(d, session, SinkEngineSettings())
+            failures = await deliverer.deliver(batch)
+    assert [(f.item.message_id, f.error.reason) for f in failures] == [("e1", "GA4_INVALID")]
+    assert "NAME_" in failures[0].error.detail
+    assert sorted(a["item"]["event"]["name"] for a in emu.state.accepted) == [
+        batch[0].item["event"]["name"],
+        batch[2].item["event"]["name"],
+    ]
+
+
+async def test_engine_sends_unchecked_when_validate_is_off(http: aiohttp.ClientSession) -> None:
+    emu = Ga4Emulator(streams={MID: SECRET})
+    async with emu.serve() as url:
+        d = dest(url)
+        batch = [mapped(d, segment_message(message_id="only", anonymous_id="dev"))]
+        batch[0].item["event"]["name"] = "_bad name"
+        async with make_session(d) as session:
+            failures = await standalone_deliverer(d, session, SinkEngineSettings()).deliver(batch)
+    # GA4 answers 2xx to invalid hits and drops them: exactly why validate mode exists.
+    assert failures == []
+    assert emu.state.accepted == []
+    assert [x["reason"] for x in emu.state.dropped] != []
+
+
+def test_validate_env_name_passes_the_unknown_key_check() -> None:
+    classes = registry.load_all()
+    check_sink_env(classes, {"CDP_SINK_GA4_VALIDATE": "true"})
+    with pytest.raises(UnknownSettingError):
+        check_sink_env(classes, {"CDP_SINK_GA4_VALIDAT": "true"})
