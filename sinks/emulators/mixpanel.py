@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -32,6 +31,9 @@ from aiohttp import web
 
 from sinks.emulators.base import BodyError, Emulator, json_response, parse_json, read_body
 
+# The id rules are a published fact of the API, stated once (sinks.mixpanel cites the source).
+from sinks.mixpanel import FORBIDDEN_IDS, INSERT_ID_RE
+
 #: Fake credential of the emulator, never a real one.
 DEFAULT_PROJECT_TOKEN = "emulator-project-token"  # noqa: S105
 MAX_EVENTS = 2000
@@ -41,28 +43,6 @@ MAX_STRING = 255
 MIN_TIME_S = 31_536_000  # 1971-01-01T00:00:00Z
 FUTURE_SLACK_S = 3600
 TRACK_MAX_AGE_S = 5 * 24 * 3600
-INSERT_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
-FORBIDDEN_IDS = frozenset(
-    {
-        "00000000-0000-0000-0000-000000000000",
-        "anon",
-        "anonymous",
-        "nil",
-        "none",
-        "null",
-        "n/a",
-        "na",
-        "undefined",
-        "unknown",
-        "<nil>",
-        "0",
-        "-1",
-        "true",
-        "false",
-        "[]",
-        "{}",
-    }
-)
 
 
 class MixpanelEmulator(Emulator):
