@@ -2,20 +2,26 @@
 
 Topology (every hop keyed so that the state it needs is local to the worker):
 
-    cdp.events.raw ─ingest─▶ <group>-identity-repartition (key: anonymousId|previousId|userId)
-                     │                 │
-                     ▼                 ▼ identity (table identity_links: anonymousId → userId)
-               cdp.events.dlq   <group>-profile-repartition (key: canonical profile id)
-                                       ▲          │
-    cdp.recommendations.updates ──recs─┘          ▼ profiles (tables profile_traits,
-                                                  │           profile_recommendations)
-                                           cdp.events.enriched (key: profile id)
+    cdp.events.raw ─ingest (validate + stitch, table identity_links)──────────┐
+          │   │  (key: anonymousId, else userId: the identity key)            │
+          │   └─only alias / mis-keyed─▶ <group>-identity-repartition         │
+          ▼                              (key: previousId|anonymousId|userId) │
+    cdp.events.dlq                        │ identity (same table, same        │
+                                          │ partitions: co-partitioned)       │
+                                          ▼                                   ▼
+    cdp.recommendations.updates ─recs─▶ <group>-profile-repartition (key: canonical profile id)
+                                          │ profiles (tables profile_traits,
+                                          ▼           profile_recommendations)
+                                   cdp.events.enriched (key: profile id)
 
-Internal hops forward the producer's original Avro bytes and carry the few
-routing fields in headers, so only ``ingest`` and ``profiles`` decode Avro.
-Each agent processes a batch (``take_events``), produces its output through
-librdkafka (:class:`BatchSender`), awaits the broker's acknowledgement of all
-of it, and only then lets Faust ack (and later commit) the batch's offsets:
+The collector keys raw events by their identity key, so an event's identity
+link is in the table partition co-partitioned with its raw partition and it is
+stitched in the ingest pass; only records whose identity key hashes elsewhere
+take the identity hop. Internal hops forward the producer's original Avro bytes
+and carry the few routing fields in headers, so only ``ingest`` and ``profiles``
+decode Avro. Each agent processes a batch (``take_events``), produces its output
+through librdkafka (:class:`BatchSender`), awaits the broker's acknowledgement of
+all of it, and only then lets Faust ack (and later commit) the batch's offsets:
 a SIGKILL at any point loses nothing, it only replays the unacked batch.
 """
 
@@ -27,7 +33,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -42,6 +48,7 @@ from streams.app import (
 )
 from streams.events import Limits, Reason, dead_letter
 from streams.metrics import PipelineMetrics, register_metrics
+from streams.partitioning import KeyPartitioner
 from streams.serde import AvroSerde, Encoder, RegistryUnavailable
 from streams.settings import Settings
 
@@ -90,6 +97,11 @@ class Pipeline:
     encode_dead_letter: Encoder
     sender: BatchSender
     metrics: PipelineMetrics
+    #: Partition of a key in the (co-partitioned) pipeline topics, as producers place it.
+    partition_of: KeyPartitioner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.partition_of = KeyPartitioner(self.settings.cdp_topic_partitions)
 
     @property
     def identity_topic_name(self) -> str:

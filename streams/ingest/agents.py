@@ -1,4 +1,14 @@
-"""Validate raw events: decode, check the CDP rules, route or dead-letter each one."""
+"""Validate raw events and stitch their identity in the same pass.
+
+Raw events are keyed by their identity key (anonymousId, else userId), so the
+identity link an event needs is normally in the ``identity_links`` partition
+co-partitioned with the raw partition it came from: such events are decoded,
+checked, stitched and sent straight to the profile repartition topic. Only an
+event whose identity key belongs to another partition (an alias, whose link is
+under its previousId, or an event keyed differently by a third-party producer)
+is re-keyed through the identity repartition topic and stitched there
+(:mod:`streams.identity.agents`). Invalid input goes to the DLQ with its reason.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ from typing import Any
 from sources.kafka_producer import Headers, OutRecord
 from streams import schemas
 from streams.events import EventRejected, check_rules, now_ms
+from streams.identity.agents import profile_headers, resolve_record
 from streams.pipeline import (
     H_ANON,
     H_PREVIOUS,
@@ -16,6 +27,7 @@ from streams.pipeline import (
     H_TYPE,
     H_USER,
     Pipeline,
+    bind_event,
     run_batches,
 )
 from streams.serde import DecodeError
@@ -24,7 +36,7 @@ STAGE = "validate"
 
 
 def identity_routing_key(record: dict[str, Any]) -> str:
-    """Key for the identity hop: the id whose link the identity table must see.
+    """The id whose link stitching reads or writes (the table key the event needs).
 
     alias → previousId (the id being linked); otherwise anonymousId when present
     (where anonymous → user links live); else userId.
@@ -48,10 +60,14 @@ def routing_headers(record: dict[str, Any], partition: int, offset: int) -> Head
 
 
 def register(p: Pipeline) -> None:
+    links = p.identity_links
+    partition_of = p.partition_of
 
     async def handle(stream: Any, events: Sequence[Any]) -> list[OutRecord]:
         out: list[OutRecord] = []
         now = now_ms()
+        identity_topic = p.identity_topic_name
+        profile_topic = p.profile_topic_name
         for event in events:
             value: bytes | None = event.value
             message_id = None
@@ -83,12 +99,20 @@ def register(p: Pipeline) -> None:
                 )
                 continue
             msg = event.message
+            key = identity_routing_key(record).encode()
+            headers = routing_headers(record, msg.partition, msg.offset)
+            if partition_of(key) != msg.partition:
+                # The link lives in another partition: stitch there.
+                out.append((identity_topic, value, key, headers))
+                continue
+            bind_event(stream, event)  # table writes go to this event's partition
+            profile_id, stitched = resolve_record(record, links)
             out.append(
                 (
-                    p.identity_topic_name,
+                    profile_topic,
                     value,
-                    identity_routing_key(record).encode(),
-                    routing_headers(record, msg.partition, msg.offset),
+                    profile_id.encode(),
+                    profile_headers(headers, profile_id, stitched),
                 )
             )
         return out

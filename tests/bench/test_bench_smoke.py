@@ -26,6 +26,7 @@ from bench.measure import peek_message_id, percentile
 from streams import schemas
 from streams.events import EventRejected, from_segment, identity_key, now_ms
 from streams.identity.agents import resolve_profile as faust_resolve_profile
+from streams.identity.agents import resolve_record
 from streams.ingest.agents import identity_routing_key, routing_headers
 from streams.pipeline import PIPELINE_VERSION
 from streams.profiles.enrich import parse_user_agent
@@ -67,14 +68,15 @@ def _expected_profiles(records: list[dict[str, Any]]) -> dict[str, tuple[str, bo
 def test_work_matches_the_worker_functions(serde: AvroSerde) -> None:
     corpus = build_corpus(serde, EVENTS, USERS, seed=7, recommendations=False)
     faust_links: dict[str, str] = {}
+    ingest_links: dict[str, str] = {}
     bench_links: dict[str, str] = {}
     for record in _records(serde, corpus):
         assert work.identity_routing_key(record) == identity_routing_key(record)
         headers = {k: v for k, v in routing_headers(record, 0, 0) if isinstance(v, bytes)}
-        assert work.resolve_profile(
-            record, bench_links.get, bench_links.__setitem__
-        ) == faust_resolve_profile(headers, faust_links)
-    assert bench_links == faust_links and faust_links
+        ours = work.resolve_profile(record, bench_links.get, bench_links.__setitem__)
+        assert ours == faust_resolve_profile(headers, faust_links)
+        assert ours == resolve_record(record, ingest_links)
+    assert bench_links == faust_links == ingest_links and faust_links
     assert work.PIPELINE_VERSION == PIPELINE_VERSION
     good = {"customerId": "u", "products": [{"productId": "p", "score": 0.5}]}
     for bad in (

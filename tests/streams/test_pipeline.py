@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from streams import topics
+from streams import schemas, topics
 from streams.events import Reason, now_ms
+from streams.partitioning import KeyPartitioner
 from streams.serde import AvroSerde
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -25,6 +26,7 @@ from tests.kafka_helpers import (
 )
 from tests.streams.pipeline_helpers import (
     RawProducer,
+    RawTopicReader,
     avro_with_bad_body,
     other_schema_bytes,
     rogue_record,
@@ -72,11 +74,22 @@ def test_events_are_enriched_stitched_and_joined(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     enriched = _reader(stack, topics.EVENTS_ENRICHED)
+    profile_hop = RawTopicReader(
+        stack.bootstrap_servers,
+        topics.internal_topic(worker.env["CDP_WORKER_ID"], topics.INTERNAL_PROFILE_SUFFIX),
+    )
     out = RawProducer(settings, serde)
     users = [(f"anon-{tag}-{i}", f"user-{tag}-{i}") for i in range(5)]
+    for _, user in users:
+        out.recommendations(user, [(f"sku-{tag}-1", 0.9), (f"sku-{tag}-2", 0.5)])
+    out.flush()
+    # Recommendations and events reach a profile through different topics, so the join
+    # sees an update only if it is ahead of the events in the profile's partition.
+    user_ids = {user.encode() for _, user in users}
+    profile_hop.poll_until(lambda rs: user_ids <= {key for key, _, _ in rs}, timeout=120)
+    profile_hop.close()
     sent: dict[str, str] = {}
     for anon, user in users:
-        out.recommendations(user, [(f"sku-{tag}-1", 0.9), (f"sku-{tag}-2", 0.5)])
         sent[
             out.segment(
                 {
@@ -207,6 +220,70 @@ def test_bad_input_goes_to_dlq_with_distinct_reasons(
     )
     enriched.close()
     assert set(good) <= {v["event"]["messageId"] for v in values}
+
+
+def _key_outside(partition_of: KeyPartitioner, partition: int, prefix: str) -> str:
+    """A key the default partitioner places outside ``partition``."""
+    for i in range(1000):
+        key = f"{prefix}-{i}"
+        if partition_of(key.encode()) != partition:
+            return key
+    raise AssertionError("no key outside the partition (single-partition topics?)")
+
+
+def test_alias_and_miskeyed_events_stitch_through_the_identity_hop(
+    worker: WorkerProcess, stack: StackEndpoints, settings: Settings, serde: AvroSerde
+) -> None:
+    """Events keyed by their identity key are stitched in the ingest pass; an alias (link
+    under previousId) and events a third party keyed differently take the identity hop,
+    and their links serve later events whichever path those take."""
+    tag = uuid.uuid4().hex[:8]
+    partition_of = KeyPartitioner(settings.cdp_topic_partitions)
+    hop_topic = topics.internal_topic(worker.env["CDP_WORKER_ID"], topics.INTERNAL_IDENTITY_SUFFIX)
+    hop = RawTopicReader(stack.bootstrap_servers, hop_topic)
+    enriched = _reader(stack, topics.EVENTS_ENRICHED)
+    out = RawProducer(settings, serde)
+    alias_user = f"alias-user-{tag}"
+    previous = _key_outside(partition_of, partition_of(alias_user.encode()), f"old-anon-{tag}")
+    anon_m, user_m = f"mk-anon-{tag}", f"mk-user-{tag}"
+    third_party_key = _key_outside(partition_of, partition_of(anon_m.encode()), f"crm-{tag}")
+    anon_l, user_l = f"lo-anon-{tag}", f"lo-user-{tag}"
+    alias_id = out.segment({"type": "alias", "previousId": previous, "userId": alias_user})
+    identify_m = out.segment(
+        {"type": "identify", "anonymousId": anon_m, "userId": user_m, "traits": {"src": "crm"}},
+        key=third_party_key,
+    )
+    identify_l = out.segment({"type": "identify", "anonymousId": anon_l, "userId": user_l})
+    first = {alias_id: alias_user, identify_m: user_m, identify_l: user_l}
+    out.flush()
+    enriched.poll_until(lambda vs: set(first) <= {v["event"]["messageId"] for v in vs}, 120)
+    track_m = out.segment(
+        {"type": "track", "anonymousId": anon_m, "event": "Via CRM"}, key=third_party_key
+    )
+    second = {
+        out.segment({"type": "track", "anonymousId": previous, "event": "Back"}): alias_user,
+        out.segment({"type": "track", "anonymousId": anon_m, "event": "Back"}): user_m,
+        track_m: user_m,
+        out.segment({"type": "track", "anonymousId": anon_l, "event": "Back"}): user_l,
+    }
+    out.close()
+    values = enriched.poll_until(
+        lambda vs: set(second) <= {v["event"]["messageId"] for v in vs}, timeout=120
+    )
+    enriched.close()
+    by_id = {v["event"]["messageId"]: v for v in values}
+    for mid, user in first.items():
+        assert (by_id[mid]["profileId"], by_id[mid]["stitched"]) == (user, False)
+    for mid, user in second.items():
+        assert (by_id[mid]["profileId"], by_id[mid]["stitched"]) == (user, True), by_id[mid]
+    assert by_id[track_m]["profileTraits"] == '{"src":"crm"}'
+    # Exactly the records whose identity key hashes elsewhere crossed the identity topic.
+    crossed = {
+        serde.decode(value, reader=schemas.CUSTOMER_EVENT)[1]["messageId"]
+        for _, value, _ in hop.read_to_end()
+    }
+    hop.close()
+    assert crossed & (set(first) | set(second)) == {alias_id, identify_m, track_m}
 
 
 def _deep(n: int) -> dict[str, Any]:
