@@ -42,6 +42,7 @@ from sinks.emulators.base import (
     ThreadedEmulators,
 )
 from sinks.emulators.ga4 import Ga4Emulator
+from sinks.emulators.google_ads import GoogleAdsEmulator
 from sinks.emulators.mixpanel import MixpanelEmulator
 from sinks.emulators.segment import SegmentEmulator
 
@@ -52,6 +53,7 @@ EMULATORS: dict[str, type[Emulator]] = {
     "mixpanel": MixpanelEmulator,
     "aep": AepEmulator,
     "ga4": Ga4Emulator,
+    "google_ads": GoogleAdsEmulator,
 }
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "Fault",
     "GA4Emulator",
     "Ga4Emulator",
+    "GoogleAdsEmulator",
     "HashRule",
     "MixpanelEmulator",
     "SegmentEmulator",

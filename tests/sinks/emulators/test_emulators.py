@@ -755,7 +755,7 @@ def test_start_all_in_a_thread_and_in_a_process() -> None:
     modes: tuple[Literal["thread", "process"], ...] = ("thread", "process")
     for mode in modes:
         with start_all(mode=mode) as cluster:
-            assert set(cluster.urls) == {"segment", "mixpanel", "aep", "ga4"}
+            assert {"segment", "mixpanel", "aep", "ga4"} <= set(cluster.urls)
             env = cluster.env()
             assert env["CDP_SINK_GA4_ENDPOINT"] == cluster.urls["ga4"]
             assert env["CDP_SINK_AEP_INLET_ID"] == cluster.credentials["aep"]["inlet_id"]
