@@ -19,7 +19,15 @@ from typing import Any, TypeVar
 from sinks.base import Destination
 
 #: Modules holding the built-in destinations, imported by :func:`load_all`.
-MODULES: tuple[str, ...] = ("sinks.segment", "sinks.mixpanel", "sinks.aep", "sinks.ga4")
+MODULES: tuple[str, ...] = (
+    "sinks.segment",
+    "sinks.mixpanel",
+    "sinks.aep",
+    "sinks.ga4",
+    "sinks.meta",
+    "sinks.google_ads",
+    "sinks.linkedin",
+)
 
 _REGISTRY: dict[str, type[Destination[Any]]] = {}
 
