@@ -1,0 +1,1 @@
+"""Audiences: rule-based membership of profiles, synced to ad platforms (Faust-free parts)."""
