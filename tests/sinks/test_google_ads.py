@@ -30,8 +30,9 @@ from sinks.base import (
     Retryable,
     Throttled,
 )
+from sinks.emulators import start_all
 from sinks.emulators.google_ads import GoogleAdsEmulator, row_of
-from sinks.engine import SinkEngineSettings, make_session
+from sinks.engine import SinkEngineSettings, emulator_env, load_destinations, make_session
 from sinks.google_ads import (
     ACCESS_TOKEN_EXPIRED,
     INCOMPLETE_IDENTIFIERS,
@@ -629,6 +630,17 @@ async def test_access_tokens_are_refreshed() -> None:
         with pytest.raises(ConfigError) as exc:
             await deliver(bad, request)
         assert exc.value.reason == "OAUTH_REFRESH_FAILED"
+
+
+def test_emulator_env_configures_the_destination(monkeypatch: pytest.MonkeyPatch) -> None:
+    with start_all(["google_ads"]) as cluster:
+        env = emulator_env(cluster)
+        assert env["CDP_SINK_GOOGLE_ADS_ENDPOINT"] == cluster.urls["google_ads"]
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        (config,) = load_destinations(["google_ads"])
+        assert config.destination is not None, config.problem
+        assert config.destination.settings.customer_id == CID
 
 
 # --------------------------------------------------------------------------- emulator rules
