@@ -182,7 +182,9 @@ class GoogleAdsEmulator(Emulator):
         quota_retry_delay_s: float = 30.0,
         remove_all_unsupported: Iterable[str | int] = (),
     ) -> None:
-        super().__init__()
+        # Hashed fields must be SHA-256 hex (hash_rules); anywhere else a raw email
+        # (in postalCode, thirdPartyUserId, ...) is recorded as a violation too.
+        super().__init__(forbid_raw_email=True)
         self.customer_id = customer_id
         self.developer_token = developer_token
         self.access_token = access_token

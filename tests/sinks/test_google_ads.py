@@ -712,6 +712,7 @@ async def test_emulator_enforces_the_job_rules() -> None:
                 {"create": {"userIdentifiers": [{"hashedEmail": "a@example.com"}]}},
                 {"create": {"userIdentifiers": [{"addressInfo": {"countryCode": "XX"}}]}},
                 {"create": {"userIdentifiers": []}},
+                {"create": {"userIdentifiers": [{"thirdPartyUserId": "jane@example.com"}]}},
             ]
             status, payload = await _call(
                 s, f"{job}:addOperations", {"operations": ops, "enablePartialFailure": True}
@@ -730,7 +731,10 @@ async def test_emulator_enforces_the_job_rules() -> None:
                 for e in payload["partialFailureError"]["details"][0]["errors"]
             ]
             assert indices == [1, 2, 3, 4, 5, 6]
-            assert [v["kind"] for v in emu.state.pii_violations] == ["not_hashed"]
+            assert sorted(v["kind"] for v in emu.state.pii_violations) == [
+                "not_hashed",
+                "raw_email",
+            ]
             # Without partial failure, one bad operation refuses the whole call.
             status, payload = await _call(
                 s,
@@ -780,8 +784,12 @@ async def test_emulator_enforces_the_job_rules() -> None:
             )
             assert (status, _codes(payload)) == (400, ["JOB_ALREADY_STARTED"])
             await emu.settle()
-            # 1 + 5 creates of the same person: a set holds them once.
-            assert emu.members(LIST) == {row_of({"userIdentifiers": [email]})}
+            # 1 + 5 creates of the same person: a set holds them once. The raw email as
+            # a thirdPartyUserId is valid to Google (recorded above as a PII violation).
+            assert emu.members(LIST) == {
+                row_of({"userIdentifiers": [email]}),
+                frozenset({("thirdPartyUserId", "jane@example.com")}),  # Google takes it
+            }
             status, payload = await _call(s, f"{root}:create", job_body, **{"developer-token": ""})
             assert (status, _codes(payload)) == (401, ["DEVELOPER_TOKEN_PARAMETER_MISSING"])
             status, payload = await _call(
