@@ -49,6 +49,7 @@ from streams.app import (
 from streams.events import Limits, Reason, dead_letter
 from streams.metrics import PipelineMetrics, register_metrics
 from streams.partitioning import KeyPartitioner
+from streams.profiles.splice import EnrichedLayout
 from streams.serde import AvroSerde, Encoder, RegistryUnavailable
 from streams.settings import Settings
 
@@ -66,6 +67,11 @@ H_STITCHED = "cdp-stitched"
 H_KIND = "cdp-kind"
 H_SRC_PARTITION = "cdp-src-p"
 H_SRC_OFFSET = "cdp-src-o"
+#: Present only when the record's Avro body is in the CustomerEvent schema the
+#: EnrichedEvent embeds, so the profile stage can splice it (streams.profiles.splice):
+H_RECEIVED = "cdp-recv"  # receivedAt, epoch ms (ASCII)
+H_CONTEXT = "cdp-ctx"  # the EnrichedEvent's userAgent + campaign fields, Avro
+H_TRAITS = "cdp-traits"  # an identify's traits JSON (absent when there are none)
 KIND_EVENT = b"event"
 KIND_RECOMMENDATION = b"rec"
 
@@ -99,9 +105,12 @@ class Pipeline:
     metrics: PipelineMetrics
     #: Partition of a key in the (co-partitioned) pipeline topics, as producers place it.
     partition_of: KeyPartitioner = field(init=False)
+    #: Encoders of the EnrichedEvent's parts around the raw CustomerEvent bytes.
+    layout: EnrichedLayout = field(init=False)
 
     def __post_init__(self) -> None:
         self.partition_of = KeyPartitioner(self.settings.cdp_topic_partitions)
+        self.layout = EnrichedLayout()
 
     @property
     def identity_topic_name(self) -> str:

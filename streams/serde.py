@@ -189,6 +189,15 @@ class AvroSerde:
             raise SchemaMismatch(f"schema id {schema_id} is not a record schema")
         return schema_id, record
 
+    def writes_as_reader(self, schema_id: int, reader: str) -> bool:
+        """True when records of ``schema_id`` are encoded exactly as ``reader`` encodes them.
+
+        Same parsing canonical form means the same binary layout, so the Avro body
+        of such a record can be embedded verbatim where ``reader`` is expected (see
+        :mod:`streams.profiles.splice`). Call after a successful :meth:`decode`.
+        """
+        return self._reader_pair(schema_id, reader)[1] is None
+
     def _reader_pair(self, schema_id: int, reader: str | None) -> tuple[Any, Any]:
         key = (schema_id, reader)
         pair = self._readers.get(key)

@@ -17,19 +17,24 @@ from typing import Any
 
 from sources.kafka_producer import Headers, OutRecord
 from streams import schemas
-from streams.events import EventRejected, check_rules, now_ms
+from streams.events import EventRejected, check_rules, now_ms, to_ms
 from streams.identity.agents import profile_headers, resolve_record
 from streams.pipeline import (
     H_ANON,
+    H_CONTEXT,
     H_PREVIOUS,
+    H_RECEIVED,
     H_SRC_OFFSET,
     H_SRC_PARTITION,
+    H_TRAITS,
     H_TYPE,
     H_USER,
     Pipeline,
     bind_event,
     run_batches,
 )
+from streams.profiles.enrich import context_enrichment
+from streams.profiles.splice import EnrichedLayout
 from streams.serde import DecodeError
 
 STAGE = "validate"
@@ -59,6 +64,21 @@ def routing_headers(record: dict[str, Any], partition: int, offset: int) -> Head
     return headers
 
 
+def enrichment_headers(layout: EnrichedLayout, record: dict[str, Any]) -> Headers:
+    """What the profile stage needs besides profile state, so it need not decode the event.
+
+    Only for records whose body the EnrichedEvent can embed verbatim (the caller checks).
+    """
+    headers: Headers = [
+        (H_RECEIVED, str(to_ms(record["receivedAt"])).encode()),
+        (H_CONTEXT, layout.context(*context_enrichment(record))),
+    ]
+    traits = record.get("traits")
+    if record["type"] == "identify" and traits not in (None, "{}"):
+        headers.append((H_TRAITS, traits.encode()))
+    return headers
+
+
 def register(p: Pipeline) -> None:
     links = p.identity_links
     partition_of = p.partition_of
@@ -72,7 +92,7 @@ def register(p: Pipeline) -> None:
             value: bytes | None = event.value
             message_id = None
             try:
-                _, record = await p.decode(value, schemas.CUSTOMER_EVENT)
+                schema_id, record = await p.decode(value, schemas.CUSTOMER_EVENT)
                 message_id = record.get("messageId")
                 check_rules(record, now=now, limits=p.limits)
             except DecodeError as exc:
@@ -101,6 +121,8 @@ def register(p: Pipeline) -> None:
             msg = event.message
             key = identity_routing_key(record).encode()
             headers = routing_headers(record, msg.partition, msg.offset)
+            if p.serde.writes_as_reader(schema_id, schemas.CUSTOMER_EVENT):
+                headers += enrichment_headers(p.layout, record)
             if partition_of(key) != msg.partition:
                 # The link lives in another partition: stitch there.
                 out.append((identity_topic, value, key, headers))

@@ -65,6 +65,14 @@ def campaign_of(context: dict[str, Any] | None) -> dict[str, Any] | None:
     return {field: found.get(field) for field in _UTM.values()}
 
 
+def context_enrichment(
+    record: dict[str, Any],
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(userAgent, campaign) of the EnrichedEvent: they depend on the event alone."""
+    context = record.get("context") or {}
+    return parse_user_agent(context.get("userAgent") or ""), campaign_of(context)
+
+
 def merge_traits(existing: dict[str, Any] | None, traits_json: str) -> dict[str, Any]:
     """Later identify calls overwrite earlier values key by key (Segment's semantics)."""
     traits = orjson.loads(traits_json or "{}")
@@ -97,7 +105,7 @@ def build_enriched(
     source_partition: int | None,
     source_offset: int | None,
 ) -> dict[str, Any]:
-    context = record.get("context") or {}
+    user_agent, campaign = context_enrichment(record)
     return {
         "event": record,
         "profileId": profile_id,
@@ -106,8 +114,8 @@ def build_enriched(
         "recommendations": recommendations["products"] if recommendations else [],
         "recommendationsModelVersion": recommendations["modelVersion"] if recommendations else None,
         "recommendationsGeneratedAt": recommendations["generatedAt"] if recommendations else None,
-        "userAgent": parse_user_agent(context.get("userAgent") or ""),
-        "campaign": campaign_of(context),
+        "userAgent": user_agent,
+        "campaign": campaign,
         "enrichment": {
             "processedAt": processed_at_ms,
             "workerId": worker_id,

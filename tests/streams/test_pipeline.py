@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastavro import parse_schema, schemaless_writer
 
 from streams import schemas, topics
-from streams.events import Reason, now_ms
+from streams.events import Reason, from_segment, now_ms
 from streams.partitioning import KeyPartitioner
-from streams.serde import AvroSerde
+from streams.serde import HEADER, MAGIC_BYTE, AvroSerde
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from streams.worker import worker_topic_specs
@@ -220,6 +222,49 @@ def test_bad_input_goes_to_dlq_with_distinct_reasons(
     )
     enriched.close()
     assert set(good) <= {v["event"]["messageId"] for v in values}
+
+
+def test_events_written_with_an_older_schema_are_enriched_in_full(
+    worker: WorkerProcess, stack: StackEndpoints, settings: Settings, serde: AvroSerde
+) -> None:
+    """A producer on an older CustomerEvent version: its bytes cannot be embedded in the
+    EnrichedEvent as they are, so the profile stage decodes and encodes in full."""
+    tag = uuid.uuid4().hex[:8]
+    current = schemas.schema_dict(schemas.CUSTOMER_EVENT)
+    older = {**current, "fields": [f for f in current["fields"] if f["name"] != "sourceId"]}
+    older_id = serde.registry.register(
+        topics.subject_for(topics.EVENTS_RAW), json.dumps(older, separators=(",", ":"))
+    )
+    assert older_id != serde.schema_id(topics.EVENTS_RAW)
+    record = from_segment(
+        {
+            "type": "identify",
+            "userId": f"old-{tag}",
+            "traits": {"plan": "legacy", "n": 10**20},
+            "context": {"userAgent": IPHONE_UA, "campaign": {"name": "c1"}},
+        },
+        received_at_ms=now_ms(),
+        source_id="legacy-producer",
+    )
+    buf = io.BytesIO()
+    schemaless_writer(buf, parse_schema(older), record)
+    enriched = _reader(stack, topics.EVENTS_ENRICHED)
+    out = RawProducer(settings, serde)
+    out.pending.append(
+        out.producer.produce(
+            topics.EVENTS_RAW, HEADER.pack(MAGIC_BYTE, older_id) + buf.getvalue(), key=f"old-{tag}"
+        )
+    )
+    out.close()
+    mid = record["messageId"]
+    values = enriched.poll_until(lambda vs: mid in {v["event"]["messageId"] for v in vs}, 120)
+    enriched.close()
+    (value,) = [v for v in values if v["event"]["messageId"] == mid]
+    assert value["event"]["sourceId"] is None  # the older schema has no sourceId
+    assert value["event"]["traits"] == record["traits"]
+    assert json.loads(value["profileTraits"]) == {"plan": "legacy", "n": 10**20}
+    assert value["userAgent"]["osFamily"] == "iOS" and value["campaign"]["name"] == "c1"
+    assert (value["profileId"], value["stitched"]) == (f"old-{tag}", False)
 
 
 def _key_outside(partition_of: KeyPartitioner, partition: int, prefix: str) -> str:
