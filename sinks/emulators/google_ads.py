@@ -181,6 +181,7 @@ class GoogleAdsEmulator(Emulator):
         quota_mode: bool = False,
         quota_retry_delay_s: float = 30.0,
         remove_all_unsupported: Iterable[str | int] = (),
+        max_operations_per_request: int | None = None,
     ) -> None:
         # Hashed fields must be SHA-256 hex (hash_rules); anywhere else a raw email
         # (in postalCode, thirdPartyUserId, ...) is recorded as a violation too.
@@ -199,6 +200,9 @@ class GoogleAdsEmulator(Emulator):
         self.quota_retry_delay_s = quota_retry_delay_s
         self.user_lists: set[str] = {self.list_name(u) for u in user_lists}
         self.remove_all_unsupported = {self.list_name(u) for u in remove_all_unsupported}
+        #: A test knob, not a Google rule (Google limits identifiers, not operations):
+        #: lets a test make the per-request limit small and check the client's split.
+        self.max_operations_per_request = max_operations_per_request
         self._ids = itertools.count(5001)
         self._reset_vendor_state()
 
@@ -498,6 +502,15 @@ class GoogleAdsEmulator(Emulator):
                         f"Invalid JSON payload received. operations[{i}].{kind}: "
                         "oneof field 'identifier' is already set.",
                     )
+        limit = self.max_operations_per_request
+        if limit is not None and len(operations) > limit:
+            return self._fail(
+                path,
+                400,
+                "requestError",
+                "TOO_MANY_OPERATIONS",
+                f"{len(operations)} operations in one request; this emulator allows {limit}",
+            )
         if total > MAX_IDENTIFIERS_PER_REQUEST:
             return self._fail(
                 path,
@@ -729,7 +742,10 @@ class GoogleAdsEmulator(Emulator):
                 members.add(row)
             else:
                 members.difference_update([m for m in members if m & row])
-            self.state.accept({"userList": job.user_list, "op": kind, "userData": data}, path=path)
+            key = f"{job.user_list}|{kind}|{sorted(row)}"
+            self.state.accept(
+                {"userList": job.user_list, "op": kind, "userData": data}, path=path, key=key
+            )
         job.status = "SUCCESS"
         self.state.count("jobs_succeeded")
 

@@ -56,10 +56,28 @@ CID = "1234567890"
 LIST = f"customers/{CID}/userLists/1001"
 OTHER_LIST = f"customers/{CID}/userLists/1002"
 
+
 #: Per-destination knobs for the shared contract suite (tests/sinks/contract.py).
+def _refused_identifiers(user: str) -> dict[str, str]:
+    """Hashed like the agent hashes them, but a country Google refuses per row."""
+    ids = dict(identifiers_for("google_ads", {"email": f"{user}@example.com"}))
+    ids.update(
+        {
+            "addressInfo.hashedFirstName": sha256_hex("jane"),
+            "addressInfo.hashedLastName": sha256_hex("doe"),
+            "addressInfo.countryCode": "XX",
+            "addressInfo.postalCode": "94045",
+        }
+    )
+    return ids
+
+
 CONTRACT_HOOKS = ContractHooks(
     emulator_kwargs={"run_delay_s": 0.0},
     settings={"batch_wait_s": 0.2},
+    audience_id=LIST,
+    rejected_identifiers=_refused_identifiers,
+    request_limit=("max_batch_events", "max_operations_per_request"),
 )
 
 
