@@ -20,6 +20,19 @@ and a fresh emulator, and checks what the destination's users rely on:
   enriched record kept verbatim for replay) or in logs; identifiers the vendor
   wants hashed arrive hashed (the emulator's PII hook stays empty).
 
+Audience destinations (``Destination.source == "audience"``: Meta, Google Ads,
+LinkedIn) read AudienceUpdate records instead. For them the harness produces
+updates with realistic hashed identifiers (``streams.audiences.identifiers``) to
+a private audience topic and the same tests check what applies to audiences:
+re-delivery leaves membership unchanged and sends the same hashed rows; a
+throttle is honoured (its stated wait, when the vendor states one); only the
+rows the vendor refuses are dead-lettered; a whole-request refusal is bisected;
+more rows than the per-request limit are split (``ContractHooks.request_limit``);
+an unhashed identifier is dead-lettered as UNHASHED_IDENTIFIER before any
+request, and the emulator's PII hook stays empty. Their emulators must expose
+``members(audience_id) -> set`` and record each applied row in
+``state.accepted`` with a key derived from (audience, action, row).
+
 Per-destination knobs: a destination's own test module (``tests/sinks/test_<name>.py``)
 may define ``CONTRACT_HOOKS = ContractHooks(...)`` (see :class:`ContractHooks`);
 the suite imports it from there. The contract tests themselves are collected
@@ -31,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -51,6 +65,7 @@ from sinks.emulators import EMULATORS, Emulator
 from sinks.engine import SinkEngineSettings, SinkRunner, SinkService, env_prefix_of
 from sources.kafka_producer import ReliableProducer
 from streams import topics
+from streams.audiences.identifiers import HASHED_KEYS, identifiers_for
 from streams.events import Limits, from_segment, now_ms
 from streams.profiles.enrich import build_enriched
 from streams.serde import AvroSerde
@@ -183,6 +198,90 @@ def private_topic(settings: Settings, partitions: int = 3) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- audience updates
+
+
+def audience_traits(user: str) -> dict[str, Any]:
+    """Profile traits a realistic member has (the identifiers module normalises them)."""
+    return {
+        "email": f"  {user}@Example.com ",
+        "phone": "+44 20 7946 0958",
+        "firstName": "Jane",
+        "lastName": "O'Doe",
+        "city": "London",
+        "postalCode": "SW1A 1AA",
+        "country": "GB",
+    }
+
+
+def member_identifiers(platform: str, user: str) -> dict[str, str]:
+    """What the audience agent would put in ``identifiers`` for ``user`` on ``platform``."""
+    return identifiers_for(platform, audience_traits(user), user_id=user, default_country="GB")
+
+
+def audience_update(
+    platform: str,
+    audience_id: str,
+    profile_id: str,
+    identifiers: Mapping[str, str],
+    *,
+    action: str = "ADD",
+    version: int = 1,
+    audience: str = "contract-audience",
+) -> dict[str, Any]:
+    """An AudienceUpdate record as the audience agent writes it (updateId deterministic)."""
+    now = now_ms()
+    key = f"{audience}|{platform}|{profile_id}|{action}|{version}"
+    return {
+        "updateId": hashlib.sha256(key.encode()).hexdigest(),
+        "audience": audience,
+        "audienceVersion": "contract-1",
+        "platform": platform,
+        "platformAudienceId": audience_id,
+        "profileId": profile_id,
+        "action": action,
+        "reason": "RULE_MATCHED" if action == "ADD" else "RULE_UNMATCHED",
+        "identifiers": dict(identifiers),
+        "membershipVersion": version,
+        "occurredAt": now,
+        "triggerMessageId": None,
+        "triggerReceivedAt": now,
+        "emittedAt": now,
+    }
+
+
+class AudienceProducer:
+    """Writes AudienceUpdate records (Confluent wire format) to a test topic."""
+
+    def __init__(self, settings: Settings, serde: AvroSerde, topic: str) -> None:
+        self.topic = topic
+        self.encode = serde.encoder(topics.AUDIENCES_UPDATES)
+        self.producer = ReliableProducer(settings)
+        self.pending: list[Any] = []
+        self.values: dict[str, bytes] = {}
+        self.keys: dict[str, str] = {}
+
+    def send(self, update: dict[str, Any]) -> str:
+        value = self.encode(update)
+        uid = str(update["updateId"])
+        self.values[uid] = value
+        self.keys[uid] = str(update["profileId"])
+        return self.send_bytes(value, self.keys[uid], uid)
+
+    def send_bytes(self, value: bytes, key: str, message_id: str = "") -> str:
+        self.pending.append(self.producer.produce(self.topic, value, key=key))
+        return message_id
+
+    def flush(self) -> None:
+        for fut in self.pending:
+            fut.result(30)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.producer.close()
+
+
 # --------------------------------------------------------------------------- destinations
 
 
@@ -198,6 +297,18 @@ class ContractHooks:
     #: maps, but the vendor refuses *per item* (partial failure). None: the vendor
     #: reports no per-item outcome, so there is no partial failure to test.
     rejected_item: Callable[[str, int], dict[str, Any]] | None = None
+    # -- audience destinations only
+    #: The platform audience id the contract's updates go to.
+    audience_id: str = "23850000000000001"
+    #: Identifiers (for a user name) that pass our hashing check but the vendor
+    #: refuses per row. None: the vendor reports no per-row outcome.
+    rejected_identifiers: Callable[[str], dict[str, str]] | None = None
+    #: (settings field, emulator keyword) of the rows-per-request limit, so the
+    #: contract can make it small on both sides and check the split. Required.
+    request_limit: tuple[str, str] | None = None
+    #: Whether the vendor's throttle answer says how long to wait (Meta: in a usage
+    #: header; LinkedIn: never). When it does, nothing may be sent before it.
+    throttle_states_wait: bool = True
 
 
 def _mixpanel_rejected(tag: str, i: int) -> dict[str, Any]:
@@ -223,6 +334,19 @@ def hooks_for(name: str) -> ContractHooks:
 
 def destination_names() -> list[str]:
     return [name for name in registry.load_all() if name in EMULATORS]
+
+
+def is_audience(name: str) -> bool:
+    return registry.get(name).source == "audience"
+
+
+def members_of(emulator: Emulator, audience_id: str) -> set[Any]:
+    """The emulator's current membership of one platform audience."""
+    members = getattr(emulator, "members", None)
+    assert callable(members), f"{emulator.name}: audience emulators must expose members()"
+    result = members(audience_id)
+    assert isinstance(result, set)
+    return result
 
 
 def make_emulator(name: str, **kwargs: Any) -> Emulator:
@@ -254,6 +378,7 @@ def fast_engine(topic: str, **overrides: Any) -> SinkEngineSettings:
     """Engine settings for tests: short cool-downs and backoffs, quick commits."""
     values: dict[str, Any] = {
         "source_topic": topic,
+        "audience_topic": topic,
         "group_prefix": f"cdpflow-test-sink-{uuid.uuid4().hex[:8]}-",
         "session_timeout_s": 6,
         "commit_interval_s": 0.2,
@@ -309,6 +434,24 @@ def finished(runner: SinkRunner) -> int:
     return s.delivered + s.dead_lettered + s.skipped
 
 
+def _end_offsets_when_led(bootstrap: str, topic: str, timeout: float = 30.0) -> dict[int, int]:
+    """High watermarks of a topic that may have been created a moment ago.
+
+    A DLQ topic made by this test run (a destination's first test) can answer
+    NOT_LEADER_FOR_PARTITION until its leader is elected: ask again until then.
+    """
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return end_offsets(bootstrap, topic)
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 class DlqTail:
     """Reads one destination's DLQ topic from "now" with Confluent's AvroDeserializer."""
 
@@ -319,7 +462,7 @@ class DlqTail:
             stack.bootstrap_servers,
             stack.registry_url,
             topic,
-            end_offsets(stack.bootstrap_servers, topic),
+            _end_offsets_when_led(stack.bootstrap_servers, topic),
         )
 
     def records(
@@ -390,7 +533,7 @@ class Harness:
     serde: AvroSerde
     stack: StackEndpoints
     topic: str
-    producer: EnrichedProducer
+    producer: Any  # EnrichedProducer, or AudienceProducer for audience destinations
     emulator: Emulator
     url: str
     dlq: DlqTail
@@ -398,6 +541,23 @@ class Harness:
 
     def destination(self, **overrides: Any) -> Destination[Any]:
         return make_destination(self.name, self.emulator, self.url, **overrides)
+
+    @property
+    def audience_id(self) -> str:
+        return hooks_for(self.name).audience_id
+
+    def update(self, i: int, *, action: str = "ADD", user: str | None = None, **kw: Any) -> str:
+        """Produce one AudienceUpdate for user ``i`` of this test (realistic identifiers)."""
+        user = user or f"member-{self.tag}-{i}"
+        identifiers = kw.pop("identifiers", None) or member_identifiers(self.name, user)
+        record = audience_update(
+            self.name, self.audience_id, f"profile-{user}", identifiers, action=action, **kw
+        )
+        sent: str = self.producer.send(record)
+        return sent
+
+    def members(self) -> set[Any]:
+        return members_of(self.emulator, self.audience_id)
 
     def run(self, destination: Destination[Any] | None = None, **engine: Any) -> Any:
         return running(
@@ -420,7 +580,11 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     topic = private_topic(settings, partitions)
     emulator = make_emulator(name, **emulator_kwargs)
-    producer = EnrichedProducer(settings, serde, topic)
+    producer: Any = (
+        AudienceProducer(settings, serde, topic)
+        if is_audience(name)
+        else EnrichedProducer(settings, serde, topic)
+    )
     dlq = DlqTail(stack, settings, name)
     try:
         async with emulator.serve() as url:
@@ -447,6 +611,8 @@ def captured_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptur
 async def test_contract_redelivery_is_harmless(
     name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
 ) -> None:
+    if is_audience(name):
+        return await audience_redelivery(name, settings, serde, stack)
     async with harness(name, settings, serde, stack) as h:
         ids = [h.producer.send(segment_event(h.tag, i)) for i in range(6)]
         # The same records again at new offsets: what a crash before the commit causes.
@@ -469,6 +635,8 @@ async def test_contract_redelivery_is_harmless(
 async def test_contract_retry_after_is_honoured(
     name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
 ) -> None:
+    if is_audience(name):
+        return await audience_throttle(name, settings, serde, stack)
     async with harness(name, settings, serde, stack) as h:
         h.emulator.throttle_next(1, retry_after_s=2)
         ids = [h.producer.send(segment_event(h.tag, i, user=f"user-{h.tag}")) for i in range(3)]
@@ -487,10 +655,19 @@ async def test_contract_retry_after_is_honoured(
         assert h.dlq.records(set(ids), timeout=1.0) == []
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if hooks_for(n).rejected_item is not None])
+def _has_per_item_refusal(name: str) -> bool:
+    hooks = hooks_for(name)
+    if is_audience(name):
+        return hooks.rejected_identifiers is not None
+    return hooks.rejected_item is not None
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if _has_per_item_refusal(n)])
 async def test_contract_partial_failure_dead_letters_only_the_refused(
     name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
 ) -> None:
+    if is_audience(name):
+        return await audience_partial_failure(name, settings, serde, stack)
     rejected = hooks_for(name).rejected_item
     assert rejected is not None
     async with harness(name, settings, serde, stack, partitions=1) as h:
@@ -517,6 +694,8 @@ async def test_contract_partial_failure_dead_letters_only_the_refused(
 async def test_contract_whole_request_refusal_is_bisected(
     name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
 ) -> None:
+    if is_audience(name):
+        return await audience_bisect(name, settings, serde, stack)
     async with harness(name, settings, serde, stack, partitions=1) as h:
         h.emulator.fail_next(1, status=400)
         # One user and one device: destinations that group a request per user (GA4's
@@ -555,6 +734,8 @@ def _mapped_size(destination: Destination[Any], msg: dict[str, Any]) -> int | No
 async def test_contract_oversize_event_and_split_by_bytes(
     name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
 ) -> None:
+    if is_audience(name):
+        return await audience_split_by_rows(name, settings, serde, stack)
     async with harness(name, settings, serde, stack, partitions=1) as h:
         dest = h.destination()
         limits = dest.limits
@@ -605,6 +786,8 @@ async def test_contract_no_secret_or_raw_email_in_dead_letters_or_logs(
     stack: StackEndpoints,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    if is_audience(name):
+        return await audience_hashing_and_redaction(name, settings, serde, stack, caplog)
     async with harness(name, settings, serde, stack, partitions=1) as h:
         dest = h.destination()
         secrets = secret_values(dest.settings)
@@ -646,6 +829,194 @@ async def test_contract_no_secret_or_raw_email_in_dead_letters_or_logs(
                 headers = {k.lower(): v for k, v in record["request"]["headers"].items()}
                 if "authorization" in headers:
                     assert headers["authorization"] == "<redacted>"
+        log_text = "\n".join(r.getMessage() for r in caplog.records)
+        log_text += "\n".join(str(r.exc_info) for r in caplog.records if r.exc_info)
+        assert not leaked_secrets(log_text, dest), "a secret was logged"
+        assert not EMAIL_RE.search(log_text), "an email was logged"
+
+
+# --------------------------------------------------------------------------- audiences
+# The same contract for destinations reading AudienceUpdate records.
+
+
+def _distinct_accepted(h: Harness) -> tuple[int, int]:
+    keys = accepted_keys(h.emulator)
+    return len(keys), len(set(keys))
+
+
+async def audience_redelivery(
+    name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
+) -> None:
+    async with harness(name, settings, serde, stack) as h:
+        ids = [h.update(i) for i in range(6)]
+        # The same records again at new offsets: what a crash before the commit causes.
+        for uid in ids[:3]:
+            h.producer.send_bytes(h.producer.values[uid], h.producer.keys[uid], uid)
+        h.producer.flush()
+        async with h.run() as service:
+            runner = service.runners[name]
+            await wait_until(lambda: finished(runner) >= 9, 60, "9 updates finished")
+        assert (runner.stats.delivered, runner.stats.dead_lettered) == (9, 0)
+        assert len(h.members()) == 6, "re-delivery changed the membership"
+        total, distinct = _distinct_accepted(h)
+        # A second copy carries exactly the same hashed row (same key) or never counts.
+        assert distinct == 6, f"{distinct} distinct rows for 6 members"
+        assert 6 <= total <= 9
+        assert h.dlq.records(set(ids), timeout=1.0) == []
+
+
+async def audience_throttle(
+    name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
+) -> None:
+    hooks = hooks_for(name)
+    # One partition: one lane, so no request is already in flight when the throttle lands.
+    async with harness(name, settings, serde, stack, partitions=1) as h:
+        h.emulator.throttle_next(1, retry_after_s=2)
+        ids = [h.update(i) for i in range(3)]
+        h.producer.flush()
+        async with h.run() as service:
+            runner = service.runners[name]
+            await wait_until(lambda: finished(runner) >= 3, 60, "3 updates finished")
+        state = h.emulator.state
+        assert len(state.faults_applied) == 1
+        throttled_at = state.faults_applied[0]["at"]
+        assert state.accepted, "nothing arrived after the throttle"
+        first_accepted = min(a["at"] for a in state.accepted)
+        if hooks.throttle_states_wait:
+            assert first_accepted - throttled_at >= 1.95, "retried before the stated wait"
+        else:
+            assert first_accepted > throttled_at
+        assert runner.stats.retries >= 1
+        assert runner.stats.dead_lettered == 0
+        assert len(h.members()) == 3
+        assert h.dlq.records(set(ids), timeout=1.0) == []
+
+
+async def audience_partial_failure(
+    name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
+) -> None:
+    rejected = hooks_for(name).rejected_identifiers
+    assert rejected is not None
+    async with harness(name, settings, serde, stack, partitions=1) as h:
+        good = [h.update(i) for i in (0, 1)]
+        bad = h.update(2, identifiers=rejected(f"member-{h.tag}-2"))
+        good.append(h.update(3))
+        h.producer.flush()
+        async with h.run() as service:  # all four are in the topic: one batch
+            runner = service.runners[name]
+            await wait_until(lambda: finished(runner) >= 4, 60, "4 updates finished")
+        dead = h.dlq.records({bad, *good}, expect=1)
+        assert [d["messageId"] for d in dead] == [bad]
+        assert dead[0]["reasonCode"] and dead[0]["responseStatus"] is not None
+        assert dead[0]["request"] is not None and dead[0]["request"]["itemCount"] >= 2
+        state = h.emulator.state
+        assert len(state.rejected_items) == 1, "the refused row was sent more than once"
+        total, distinct = _distinct_accepted(h)
+        assert total == distinct == 3, "accepted rows were sent again"
+        assert len(h.members()) == 3
+        assert runner.stats.delivered == 3 and runner.stats.dead_lettered == 1
+
+
+async def audience_bisect(
+    name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
+) -> None:
+    async with harness(name, settings, serde, stack, partitions=1) as h:
+        h.emulator.fail_next(1, status=400)
+        ids = [h.update(i) for i in range(4)]
+        h.producer.flush()
+        async with h.run() as service:
+            runner = service.runners[name]
+            await wait_until(lambda: finished(runner) >= 4, 60, "4 updates finished")
+        assert runner.stats.dead_lettered == 0, "rows the vendor accepts were dead-lettered"
+        assert runner.stats.delivered == 4
+        assert runner.stats.requests >= 3, "the refused request was not split"
+        assert len(h.members()) == 4
+        assert h.dlq.records(set(ids), timeout=1.0) == []
+
+
+async def audience_split_by_rows(
+    name: str, settings: Settings, serde: AvroSerde, stack: StackEndpoints
+) -> None:
+    limit_hook = hooks_for(name).request_limit
+    assert limit_hook is not None, (
+        f"{name}: set ContractHooks.request_limit=(settings field, emulator keyword) "
+        "in its test module"
+    )
+    setting, emulator_kwarg = limit_hook
+    limit = 5
+    count = 2 * limit + 3
+    async with harness(name, settings, serde, stack, partitions=1, **{emulator_kwarg: limit}) as h:
+        dest = h.destination(**{setting: limit})
+        assert dest.limits.max_batch_events <= limit
+        ids = [h.update(i) for i in range(count)]
+        h.producer.flush()
+        async with h.run(dest) as service:
+            runner = service.runners[name]
+            await wait_until(lambda: finished(runner) >= count, 90, "all updates finished")
+        state = h.emulator.state
+        assert state.rejected_requests == [], f"a request broke a limit: {state.rejected_requests}"
+        assert runner.stats.delivered == count and runner.stats.dead_lettered == 0
+        assert runner.stats.requests >= -(-count // limit), "more rows than the limit per request"
+        assert len(h.members()) == count
+        assert h.dlq.records(set(ids), timeout=1.0) == []
+
+
+async def audience_hashing_and_redaction(
+    name: str,
+    settings: Settings,
+    serde: AvroSerde,
+    stack: StackEndpoints,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with harness(name, settings, serde, stack, partitions=1) as h:
+        dest = h.destination()
+        secrets = secret_values(dest.settings)
+        echo = " ".join(secrets) or "no-secret"
+        # The vendor refuses the request and echoes our secret and an email back.
+        h.emulator.inject(
+            {
+                "kind": "status",
+                "status": 400,
+                "count": 1,
+                "body": {
+                    "code": "invalid",
+                    "message": f"rejected {echo} for jane.doe@example.com",
+                    "error": f"key={echo} user jane.doe@example.com",
+                },
+            }
+        )
+        user = f"jane.doe.{h.tag}"
+        refused = h.update(0, user=user)
+        h.producer.flush()
+        with captured_logs(caplog):
+            async with h.run(dest) as service:
+                runner = service.runners[name]
+                await wait_until(lambda: finished(runner) >= 1, 60, "the refused update")
+                # An identifier the agent failed to hash: the raw address under a hashed key.
+                clean = member_identifiers(name, f"raw.{h.tag}")
+                key = next(k for k in clean if k in HASHED_KEYS[name])
+                raw_email = f"raw.{h.tag}@example.com"
+                unhashed = h.update(1, user=f"raw.{h.tag}", identifiers={**clean, key: raw_email})
+                ok = h.update(2, user=user, version=2)
+                h.producer.flush()
+                await wait_until(lambda: finished(runner) >= 3, 60, "three updates finished")
+        dead = h.dlq.records(
+            {refused, unhashed, ok}, expect=runner.stats.dead_lettered, timeout=20.0
+        )
+        assert len(dead) == runner.stats.dead_lettered >= 2
+        by_id = {d["messageId"]: d for d in dead}
+        assert by_id[unhashed]["reasonCode"] == "UNHASHED_IDENTIFIER"
+        assert by_id[unhashed]["request"] is None, "an unhashed identifier must never be sent"
+        for record in dead:
+            text = readable_part(record)
+            assert not leaked_secrets(text, dest), f"secret in a dead letter: {text[:300]}"
+            assert not EMAIL_RE.search(text), f"raw email in a dead letter: {text[:400]}"
+            if record["request"] is not None:
+                headers = {k.lower(): v for k, v in record["request"]["headers"].items()}
+                if "authorization" in headers:
+                    assert headers["authorization"] == "<redacted>"
+        sent = orjson.dumps(h.emulator.state.accepted_items()).decode()
+        assert raw_email not in sent and "@" not in sent, "a raw identifier reached the vendor"
         log_text = "\n".join(r.getMessage() for r in caplog.records)
         log_text += "\n".join(str(r.exc_info) for r in caplog.records if r.exc_info)
         assert not leaked_secrets(log_text, dest), "a secret was logged"
