@@ -43,6 +43,8 @@ from sinks.emulators.base import (
 )
 from sinks.emulators.ga4 import Ga4Emulator
 from sinks.emulators.google_ads import GoogleAdsEmulator
+from sinks.emulators.linkedin import LinkedInEmulator
+from sinks.emulators.meta import MetaEmulator
 from sinks.emulators.mixpanel import MixpanelEmulator
 from sinks.emulators.segment import SegmentEmulator
 
@@ -54,6 +56,8 @@ EMULATORS: dict[str, type[Emulator]] = {
     "aep": AepEmulator,
     "ga4": Ga4Emulator,
     "google_ads": GoogleAdsEmulator,
+    "meta": MetaEmulator,
+    "linkedin": LinkedInEmulator,
 }
 
 __all__ = [
@@ -68,6 +72,8 @@ __all__ = [
     "Ga4Emulator",
     "GoogleAdsEmulator",
     "HashRule",
+    "LinkedInEmulator",
+    "MetaEmulator",
     "MixpanelEmulator",
     "SegmentEmulator",
     "create",
