@@ -206,6 +206,7 @@ def build_pipeline(
     app: faust.App | None = None,
     web_enabled: bool = True,
 ) -> Pipeline:
+    from streams.audiences import agents as audience_agents
     from streams.identity import agents as identity_agents
     from streams.ingest import agents as ingest_agents
     from streams.profiles import agents as profile_agents
@@ -251,6 +252,7 @@ def build_pipeline(
     identity_agents.register(pipeline)
     recommendation_agents.register(pipeline)
     profile_agents.register(pipeline)
+    audience_agents.register(pipeline)  # no-op unless CDP_AUDIENCES_CONFIG is set
     if web_enabled:
         register_metrics(pipeline)
     register_profile_api(pipeline)

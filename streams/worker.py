@@ -9,6 +9,7 @@ from streams.app import (
     PROFILE_RECOMMENDATIONS_TABLE,
     PROFILE_TRAITS_TABLE,
 )
+from streams.audiences.settings import AUDIENCE_REPARTITION_SUFFIX, AUDIENCE_STATE_TABLE
 from streams.logs import logging_dict_config
 from streams.pipeline import build_pipeline
 from streams.settings import Settings
@@ -21,7 +22,12 @@ from streams.topics import (
     pipeline_topic_specs,
 )
 
-TABLES = (IDENTITY_LINKS_TABLE, PROFILE_TRAITS_TABLE, PROFILE_RECOMMENDATIONS_TABLE)
+TABLES = (
+    IDENTITY_LINKS_TABLE,
+    PROFILE_TRAITS_TABLE,
+    PROFILE_RECOMMENDATIONS_TABLE,
+    AUDIENCE_STATE_TABLE,
+)
 
 
 def worker_topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -42,7 +48,11 @@ def worker_topic_specs(settings: Settings) -> list[TopicSpec]:
     wid = settings.cdp_worker_id
     repartition = [
         TopicSpec(internal_topic(wid, suffix), p, {})
-        for suffix in (INTERNAL_IDENTITY_SUFFIX, INTERNAL_PROFILE_SUFFIX)
+        for suffix in (
+            INTERNAL_IDENTITY_SUFFIX,
+            INTERNAL_PROFILE_SUFFIX,
+            AUDIENCE_REPARTITION_SUFFIX,
+        )
     ]
     return pipeline_topic_specs(settings) + repartition + changelogs
 

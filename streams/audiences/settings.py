@@ -7,7 +7,8 @@ from typing import Final
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.settings import reject_unknown_env
+from streams.settings import Settings, reject_unknown_env
+from streams.topics import internal_topic
 
 ENV_PREFIX: Final = "CDP_AUDIENCES_"
 #: The core settings delegate every ``CDP_AUDIENCE*`` name here, so a typo such as
@@ -38,3 +39,10 @@ class AudienceSettings(BaseSettings):
 
 def changelog_topic(worker_id: str) -> str:
     return f"{worker_id}-{AUDIENCE_STATE_TABLE}-changelog"
+
+
+def audience_repartition_topic(settings: Settings) -> str | None:
+    """The audience repartition topic of this worker group, or None when audiences are off."""
+    if not AudienceSettings().config:
+        return None
+    return internal_topic(settings.cdp_worker_id, AUDIENCE_REPARTITION_SUFFIX)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sources.kafka_producer import OutRecord
 from streams import schemas
+from streams.audiences.settings import audience_repartition_topic
 from streams.events import EventRejected, check_recommendation
 from streams.pipeline import H_KIND, KIND_RECOMMENDATION, Pipeline, run_batches
 from streams.serde import DecodeError
@@ -20,6 +21,9 @@ STAGE = "recommendations"
 
 
 def register(p: Pipeline) -> None:
+    # With audiences configured, valid updates also go (same bytes, keyed by customer)
+    # to the audience agent's repartition topic.
+    audience_topic = audience_repartition_topic(p.settings)
 
     async def handle(stream: Any, events: Sequence[Any]) -> list[OutRecord]:
         out: list[OutRecord] = []
@@ -36,14 +40,10 @@ def register(p: Pipeline) -> None:
                     )
                 )
                 continue
-            out.append(
-                (
-                    p.profile_topic_name,
-                    value,
-                    record["customerId"].encode(),
-                    [(H_KIND, KIND_RECOMMENDATION)],
-                )
-            )
+            key = record["customerId"].encode()
+            out.append((p.profile_topic_name, value, key, [(H_KIND, KIND_RECOMMENDATION)]))
+            if audience_topic is not None:
+                out.append((audience_topic, value, key, [(H_KIND, KIND_RECOMMENDATION)]))
         return out
 
     @p.app.agent(p.recommendations_topic, name="cdpflow.recommendations.route")
