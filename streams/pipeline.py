@@ -49,6 +49,7 @@ from streams.app import (
 from streams.events import Limits, Reason, dead_letter
 from streams.metrics import PipelineMetrics, register_metrics
 from streams.partitioning import KeyPartitioner
+from streams.profiles.enrich import parse_user_agent
 from streams.profiles.splice import EnrichedLayout
 from streams.serde import AvroSerde, Encoder, RegistryUnavailable
 from streams.settings import Settings
@@ -111,6 +112,8 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.partition_of = KeyPartitioner(self.settings.cdp_topic_partitions)
         self.layout = EnrichedLayout()
+        # ua-parser compiles its regexes on first use (~0.4 s): at start-up, not mid-batch.
+        parse_user_agent("Mozilla/5.0 (X11; Linux x86_64)")
 
     @property
     def identity_topic_name(self) -> str:

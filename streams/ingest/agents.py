@@ -33,7 +33,6 @@ from streams.pipeline import (
     bind_event,
     run_batches,
 )
-from streams.profiles.enrich import context_enrichment
 from streams.profiles.splice import EnrichedLayout
 from streams.serde import DecodeError
 
@@ -71,7 +70,7 @@ def enrichment_headers(layout: EnrichedLayout, record: dict[str, Any]) -> Header
     """
     headers: Headers = [
         (H_RECEIVED, str(to_ms(record["receivedAt"])).encode()),
-        (H_CONTEXT, layout.context(*context_enrichment(record))),
+        (H_CONTEXT, layout.context(record)),
     ]
     traits = record.get("traits")
     if record["type"] == "identify" and traits not in (None, "{}"):

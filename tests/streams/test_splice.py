@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from streams import schemas
 from streams.events import EventRejected, dumps_json, from_segment
-from streams.profiles.enrich import build_enriched, context_enrichment, merge_traits
+from streams.profiles.enrich import build_enriched, merge_traits
 from streams.profiles.splice import EnrichedLayout, LayoutMismatch
 
 LAYOUT = EnrichedLayout()
@@ -165,11 +165,30 @@ def test_spliced_enriched_event_equals_full_encode(
         raw_body
         + LAYOUT.profile(profile_id, stitched, dumps_json(traits) if traits else "{}")
         + LAYOUT.recommendations(recs)
-        + LAYOUT.context(*context_enrichment(record))
+        + LAYOUT.context(record)
         + LAYOUT.enrichment(meta)
     )
     assert spliced == full
     assert LAYOUT.recommendations(recs) == LAYOUT.recommendations(recs)  # cached: same bytes
+
+
+def test_small_parts_use_the_hand_written_writers() -> None:
+    """Guards the fast path: a schema edit that changes a part's shape makes that part
+    fall back to fastavro (still correct, slower) — this says so."""
+    kinds = [getattr(w, "__qualname__", "") for w in LAYOUT._writers]
+    assert not kinds[0].endswith("with_fastavro"), kinds  # profile
+    assert not kinds[3].endswith("with_fastavro"), kinds  # campaign
+    assert not kinds[4].endswith("with_fastavro"), kinds  # enrichment
+
+
+def test_a_changed_part_shape_falls_back_to_fastavro(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = schemas.schema_dict(schemas.ENRICHED_EVENT)
+    fields = [dict(f) for f in original["fields"]]
+    fields[2] = {**fields[2], "type": ["null", "boolean"]}  # stitched becomes optional
+    monkeypatch.setattr(schemas, "schema_dict", lambda name: {**original, "fields": fields})
+    layout = EnrichedLayout()
+    assert layout._writers[0].__qualname__.endswith("with_fastavro")
+    assert layout.profile("u", True, "{}") == b"\x02u\x02\x01\x04{}"
 
 
 def test_layout_checks_the_schema(monkeypatch: pytest.MonkeyPatch) -> None:
