@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -141,41 +142,55 @@ class BatchSender:
                 backoff = min(backoff * 2, self._max_backoff)
 
     async def _send_once(self, records: list[OutRecord]) -> list[OutRecord]:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        failed: list[OutRecord] = []
-        lock = threading.Lock()
-        remaining = [len(records)]
-
-        def finish() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        def callback_for(record: OutRecord) -> Any:
-            def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-                with lock:
-                    if err is not None:
-                        failed.append(record)
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last:
-                    loop.call_soon_threadsafe(finish)
-
-            return on_delivery
-
-        for record in records:
-            topic, value, key, headers = record
+        delivery = _BatchDelivery(asyncio.get_running_loop())
+        on_delivery = delivery.on_delivery
+        produce = self._producer.produce
+        for index, (topic, value, key, headers) in enumerate(records):
             while True:
                 try:
-                    self._producer.produce(
-                        topic,
-                        value=value,
-                        key=key,
-                        headers=headers,
-                        on_delivery=callback_for(record),
+                    # The index identifies a refused record: delivery reports carry no headers.
+                    produce(
+                        topic, value, key, headers=headers, on_delivery=partial(on_delivery, index)
                     )
                     break
                 except BufferError:
                     await asyncio.sleep(0.01)  # local queue full: let the poll thread drain it
-        await done
-        return failed
+        delivery.expect(len(records))
+        await delivery.future
+        return [records[i] for i in sorted(delivery.failed)]
+
+
+class _BatchDelivery:
+    """Delivery accounting for one batch: a counter and one wake-up, no lock.
+
+    Only librdkafka's poll thread runs ``on_delivery`` (so only it writes
+    ``delivered`` and ``failed``); the event loop sets ``expected`` once every
+    record is queued. Each side writes its own field and then compares both, so
+    whichever of them sees the batch complete last resolves the future (both
+    may: resolving is idempotent).
+    """
+
+    __slots__ = ("delivered", "expected", "failed", "future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.failed: list[int] = []
+        self.delivered = 0
+        self.expected = -1  # unknown until every record is queued
+
+    def on_delivery(self, index: int, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:  # produced again by BatchSender.send, with backoff
+            self.failed.append(index)
+        self.delivered += 1
+        if self.delivered == self.expected:
+            self.loop.call_soon_threadsafe(self._finish)
+
+    def expect(self, count: int) -> None:
+        self.expected = count
+        if self.delivered == count:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
