@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-PACKAGES := streams sources sinks schemas
+PACKAGES := streams sources sinks schemas bench
 
 .PHONY: setup demo test bench lint typecheck stack-up stack-down clean
 
