@@ -32,13 +32,17 @@ Why these numbers mean something:
 * ``requests`` counts logical requests (a Google Ads job flow, create ->
   addOperations -> run, is one).
 
-Time: the whole section keeps to ``budget_s``. Destinations whose requests
-carry few events (GA4: one user per request, at most 25 events) get at most
-:data:`REQUEST_ROUNDS` requests' worth of events and run last, so they inherit
-the time faster ones leave. Every destination's run is cut at its share of what
-is left; a cut run is reported with its partial count and a note, never
-dropped. Rates are comparable across destinations only roughly: the machine's
-load and the emulators' own cost are part of every number.
+Time: the whole section keeps to ``budget_s``. Producing the backlogs (building
+and encoding records is most of the section's CPU) may take at most
+:data:`PRODUCE_SHARE` of it; a backlog not finished in its part is cut, and the
+smaller count is what that destination is measured on (and its note says so).
+Destinations whose requests carry few events (GA4: one user per request, at most
+25 events) get at most :data:`REQUEST_ROUNDS` requests' worth of events and run
+last, so they inherit the time faster ones leave. Each run gets an equal part of
+what is left, may go on up to twice that when its rate so far says it will then
+finish, and is otherwise cut; a cut run is reported with its partial count and
+a note, never dropped. Rates are comparable across destinations only roughly:
+the machine's load and the emulators' own cost are part of every number.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ REMOVE_SHARE = 0.25
 STOP_ALLOWANCE_S = 3.0
 #: Producing the backlogs may take at most this part of the budget (a slow machine
 #: gets smaller backlogs, and still time to measure every destination).
-PRODUCE_SHARE = 0.4
+PRODUCE_SHARE = 0.5
 #: Kept back at the end for stopping the emulators and deleting the private topics.
 TEARDOWN_S = 3.0
 #: A destination is not started with less than this left of the budget.
@@ -226,7 +230,7 @@ def produce_backlog(
     """``events`` EnrichedEvents (page views, product views, orders) of ``users`` shoppers.
 
     All share one ``receivedAt`` (``received_at_ms``, default now), so the engine's
-    latency of each can be taken from any instant (see :func:`_measure`).
+    latency of each can be taken from any instant (see :func:`measure_backlog`).
     """
     run = uuid.uuid4().hex[:8]
     encode = serde.encoder(topics.EVENTS_ENRICHED)
@@ -423,7 +427,7 @@ def burst_latencies(stats: RunnerStats, offset_s: float) -> RunnerStats:
     return RunnerStats(latencies=deque(max(0.0, x - offset_s) for x in stats.latencies))
 
 
-async def _measure(
+async def measure_backlog(
     destination: Destination[Any],
     settings: Settings,
     serde: AvroSerde,
@@ -431,10 +435,14 @@ async def _measure(
     rate: DeliveryRate,
     share_s: float,
     received_at_ms: int,
+    max_s: float | None = None,
 ) -> None:
     """Run ``destination`` on its backlog until it is drained or ``share_s`` is used up.
 
-    ``received_at_ms`` is the backlog's common ``receivedAt`` (see :func:`burst_latencies`).
+    A run still making progress at the end of its share may go on up to ``max_s``
+    when its rate so far says it will finish by then (the destinations after it
+    share what is left). ``received_at_ms`` is the backlog's common ``receivedAt``
+    (see :func:`burst_latencies`).
     """
     name = destination.name
     engine = SinkEngineSettings(
@@ -444,7 +452,9 @@ async def _measure(
         shutdown_grace_s=1.0,
     )
     service = SinkService([destination], settings, engine, serde=serde)
-    deadline = time.monotonic() + max(0.0, share_s - STOP_ALLOWANCE_S)
+    started = time.monotonic()
+    deadline = started + max(0.0, share_s - STOP_ALLOWANCE_S)
+    limit = started + max(0.0, (max_s or share_s) - STOP_ALLOWANCE_S)
     task = asyncio.create_task(service.run())
     first: float | None = None
     first_wall_ms = 0
@@ -469,12 +479,17 @@ async def _measure(
                 break
             if now >= deadline:
                 finished = s.delivered + s.dead_lettered + s.skipped
+                if first is not None and finished and deadline < limit:
+                    eta = (rate.produced - finished) / (finished / (now - first))
+                    if now + 1.2 * eta + 0.5 <= limit:
+                        deadline = now + 1.2 * eta + 0.5
+                        continue
                 _note(
                     rate,
-                    f"cut at its time share ({share_s:.0f} s): {finished:,} of "
+                    f"cut at its time share ({now - started:.0f} s): {finished:,} of "
                     f"{rate.produced:,} finished"
                     if first is not None
-                    else f"read nothing within its time share ({share_s:.0f} s)",
+                    else f"read nothing within its time share ({now - started:.0f} s)",
                 )
                 break
             await asyncio.sleep(0.02)
@@ -690,7 +705,7 @@ def _run_all(
                 began = time.monotonic()
                 try:
                     asyncio.run(
-                        _measure(
+                        measure_backlog(
                             plan.destinations[name],
                             settings,
                             serde,
@@ -698,6 +713,8 @@ def _run_all(
                             rate,
                             share,
                             plan.stamp_of[name],
+                            # Up to twice its share, leaving the others at least their minimum.
+                            min(2 * share, left - MIN_SHARE_S * (len(order) - i - 1)),
                         )
                     )
                 except Exception as exc:  # one broken destination must not hide the others

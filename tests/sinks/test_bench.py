@@ -10,6 +10,7 @@ the table renders. Rates are printed, never asserted (shared 2-core machine).
 from __future__ import annotations
 
 from collections import Counter, deque
+from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -19,17 +20,24 @@ from sinks.audience_base import check_identifiers
 from sinks.bench import (
     BENCH_AUDIENCES,
     REMOVE_SHARE,
+    DeliveryRate,
     audience_plan,
     audience_updates,
     bench_destinations,
     bench_traits,
     burst_latencies,
+    measure_backlog,
+    produce_backlog,
     render_destinations_table,
 )
-from sinks.emulators import EMULATORS
+from sinks.emulators import EMULATORS, start_all
+from sinks.engine import emulator_env, load_destinations
 from sinks.metrics import RunnerStats
 from streams.audiences.identifiers import PLATFORMS, UnknownPlatformError
+from streams.events import now_ms
+from streams.serde import AvroSerde
 from streams.settings import Settings
+from streams.topics import TopicSpec, ensure_topics
 
 # --------------------------------------------------------------------------- backlogs
 
@@ -216,3 +224,28 @@ def test_every_destination_delivers_its_backlog(settings: Settings) -> None:
     table = render_destinations_table(results)
     for name in names:
         assert f"| {name} | {rows[name]['source']} | 60 | 60 |" in table
+
+
+async def test_a_run_that_cannot_finish_is_cut_and_says_so(settings: Settings, unique: str) -> None:
+    """A vendor that is down for the whole share: reported as cut with what it finished (0)."""
+    serde = AvroSerde.from_url(settings.schema_registry_url)
+    topic = f"cdp.test.sinks.bench.{unique}"
+    ensure_topics(settings, [TopicSpec(topic, 2, {})])
+    stamp = now_ms()
+    assert produce_backlog(settings, serde, topic, 40, received_at_ms=stamp) == 40
+    with start_all(["segment"], mode="thread") as cluster:
+        cluster.inject("segment", [{"kind": "outage", "duration_s": 600}])
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in emulator_env(cluster).items():
+                mp.setenv(key, value)
+            (config,) = load_destinations(["segment"])
+        assert config.destination is not None
+        rate = DeliveryRate("segment", "enriched", produced=40)
+        await measure_backlog(config.destination, settings, serde, topic, rate, 10.0, stamp)
+    assert not rate.complete
+    assert rate.events == 0
+    assert rate.note is not None and "time share" in rate.note, rate.note
+    table = render_destinations_table(
+        {"budget_s": 10, "elapsed_s": 10, "setup_s": 0, "destinations": [asdict(rate)]}
+    )
+    assert "| segment | enriched | 40 | 0 |" in table and "time share" in table
