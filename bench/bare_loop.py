@@ -2,7 +2,8 @@
 
 The Python reference limit: one process owns every partition, so the identity
 links, traits and recommendations are plain dicts, and there is a single hop
-(raw -> enriched) instead of the worker's three. The per-event work is
+(raw -> enriched) instead of the worker's two (three for aliases and mis-keyed
+events). The per-event work is
 cdpflow's own (:mod:`bench.work`); the delivery guarantee is the worker's:
 outputs are produced with the collector's idempotent acks=all producer and a
 batch's input offsets are committed only after the broker acknowledged all of

@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,16 +176,89 @@ BatchHandler = Callable[[Any, Sequence[Any]], Awaitable[list[OutRecord]]]
 
 async def run_batches(p: Pipeline, stream: Any, stage: str, handle: BatchHandler) -> None:
     """The loop every agent shares: take a batch, let ``handle`` turn it into output
-    records, deliver them (awaiting the broker's acks), then let Faust ack the batch."""
+    records, deliver them (awaiting the broker's acks), then ack the batch to Faust."""
     settings = p.settings
-    async for events in stream.take_events(
-        settings.cdp_worker_batch_size, within=settings.cdp_worker_batch_within_s
+    async for events in take_batches(
+        stream, settings.cdp_worker_batch_size, settings.cdp_worker_batch_within_s
     ):
         started = time.perf_counter()
         out = await handle(stream, events)
         await p.sender.send(out)
         p.observe_batch(stage, events, out)
         p.metrics.batch_seconds.labels(stage).observe(time.perf_counter() - started)
+
+
+async def take_batches(stream: Any, max_: int, linger: float) -> AsyncIterator[list[Any]]:
+    """Batches of a Faust stream's events, acked only once the consumer asks for more.
+
+    Faust's ``Stream.take_events`` stops filling its buffer while a batch is
+    processed (and its outputs acknowledged), then waits up to ``within`` from
+    the start of the next wait even when events are there. Here the stream keeps
+    filling the next batch meanwhile, and a batch is handed over ``linger``
+    seconds after its first event (or at once when ``max_`` events are waiting):
+    under load a batch is what arrived during the previous one, below capacity an
+    event waits at most ``linger`` per hop.
+
+    A batch is acked only when the caller asks for the next one; if the caller
+    fails or is cancelled, nothing of it is acked (Faust's version acks in a
+    ``finally``), so at-least-once holds on shutdown too. Table writes must follow
+    :func:`bind_event` with no ``await`` in between: the stream's filler runs
+    whenever the caller awaits (it runs in its own task, so it does not change the
+    caller's current event).
+    """
+    buffer: list[Any] = []
+    arrived = asyncio.Event()
+    full = asyncio.Event()
+    taken = asyncio.Event()
+    clock = asyncio.get_running_loop().time
+    first_at = 0.0
+
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal first_at
+        try:
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("take buffer found current_event is None")
+            if not buffer:
+                first_at = clock()
+            buffer.append(event)
+            arrived.set()
+            if len(buffer) >= max_:
+                full.set()
+                taken.clear()
+                await stream.wait(taken)  # never more than max_ waiting
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("Error adding to take buffer: %r", exc)
+            await stream.crash(exc)
+        return value
+
+    enable_acks = stream.enable_acks
+    stream.enable_acks = False  # acked here, after the batch is delivered
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(aiter(stream.channel))
+    try:
+        while not stream.should_stop:
+            if not buffer:
+                await stream.wait_for_stopped(arrived)
+            wait = first_at + linger - clock()
+            if buffer and len(buffer) < max_ and wait > 0:
+                await stream.wait_for_stopped(full, timeout=wait)
+            if not buffer:
+                arrived.clear()
+                continue
+            batch = buffer[:]
+            buffer.clear()
+            arrived.clear()
+            full.clear()
+            taken.set()
+            yield batch
+            for event in batch:
+                await stream.ack(event)
+    finally:
+        stream.enable_acks = enable_acks
+        stream._processors.remove(add_to_buffer)
 
 
 def bind_event(stream: Any, event: Any) -> None:

@@ -95,7 +95,9 @@ class Settings(BaseSettings):
         30.0, ge=6, le=300, description="How soon a dead worker's partitions move to another."
     )
     cdp_worker_batch_size: int = Field(500, ge=1, le=100_000)
-    cdp_worker_batch_within_s: float = Field(0.05, gt=0, le=10)
+    cdp_worker_batch_within_s: float = Field(
+        0.005, gt=0, le=10, description="Longest an event waits for others to join its batch."
+    )
     cdp_max_future_skew_s: int = Field(
         24 * 3600, ge=0, description="Reject events whose timestamp is further in the future."
     )

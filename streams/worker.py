@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import faust
 
 from streams.app import (
@@ -67,6 +69,10 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> None:
         quiet=True,
         logging_config=logging_dict_config(loglevel),
     )
+    # Modules, schemas, the topology and ua-parser's regexes live as long as the
+    # process: move them out of the collector's generations so that full
+    # collections only walk what the stream allocates.
+    gc.freeze()
     worker.execute_from_commandline()
 
 

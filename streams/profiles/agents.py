@@ -59,11 +59,12 @@ def register(p: Pipeline) -> None:
         out: list[OutRecord] = []
         processed_at = now_ms()
         for event in events:
-            bind_event(stream, event)
             headers = header_map(event.headers)
             value = event.value
             if headers.get(H_KIND) == KIND_RECOMMENDATION:
                 _, rec = await p.decode(value, schemas.RECOMMENDATION_UPDATE)
+                # After any await: table writes go to the current event's partition.
+                bind_event(stream, event)
                 customer = rec["customerId"]
                 current = recs_table.get(customer)
                 if current is None or current["generatedAt"] <= to_ms(rec["generatedAt"]):
@@ -74,8 +75,11 @@ def register(p: Pipeline) -> None:
             context_part = headers.get(H_CONTEXT)
             received = headers.get(H_RECEIVED)
             if context_part is None or received is None or value is None:
-                out.append(await full_encode(event, headers, profile_id, stitched, processed_at))
+                out.append(
+                    await full_encode(stream, event, headers, profile_id, stitched, processed_at)
+                )
                 continue
+            bind_event(stream, event)
             traits = traits_table.get(profile_id)
             new_traits = headers.get(H_TRAITS)
             if new_traits is not None and headers.get(H_TYPE) == b"identify":
@@ -104,7 +108,12 @@ def register(p: Pipeline) -> None:
         return out
 
     async def full_encode(
-        event: Any, headers: dict[str, bytes], profile_id: str, stitched: bool, processed_at: int
+        stream: Any,
+        event: Any,
+        headers: dict[str, bytes],
+        profile_id: str,
+        stitched: bool,
+        processed_at: int,
     ) -> OutRecord:
         value = event.value
         try:
@@ -113,6 +122,7 @@ def register(p: Pipeline) -> None:
             return p.dead_letter_record(
                 value, stage=STAGE, reason=exc.reason_code, message=str(exc), event=event
             )
+        bind_event(stream, event)
         traits = traits_table.get(profile_id)
         if record["type"] == "identify" and record.get("traits") not in (None, "{}"):
             traits = merge_traits(traits, record["traits"])
