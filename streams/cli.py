@@ -14,6 +14,7 @@ from rich.console import Console
 
 from sinks.cli import dlq_app, sink_app
 from streams.analytics_cli import register as register_analytics
+from streams.audiences.cli import audiences_app
 from streams.settings import Settings, UnknownSettingError
 from streams.stack.cli import stack_app
 
@@ -29,6 +30,7 @@ app.add_typer(topics_app, name="topics")
 register_analytics(app)
 app.add_typer(sink_app, name="sink")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(audiences_app, name="audiences")
 
 _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)

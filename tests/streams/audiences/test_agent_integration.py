@@ -12,6 +12,10 @@ update that appears before the sentinels' must be absent.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,10 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from confluent_kafka import KafkaException
 
 from streams import topics
+from streams.audiences.members import members_of, read_states
 from streams.audiences.settings import AUDIENCE_REPARTITION_SUFFIX
 from streams.events import now_ms
 from streams.serde import AvroSerde
@@ -31,6 +37,7 @@ from streams.topics import ensure_topics
 from streams.worker import worker_topic_specs
 from tests.conftest import StackEndpoints
 from tests.kafka_helpers import (
+    REPO,
     TopicReader,
     WorkerProcess,
     end_offsets,
@@ -40,7 +47,8 @@ from tests.kafka_helpers import (
 from tests.streams.audiences.factories import assert_hashed
 from tests.streams.pipeline_helpers import RawProducer
 
-WINDOW_S = 40
+WINDOW_S = 20  # it-browse: expires during the test
+CART_WINDOW = "10m"  # it-cart: does not
 CONFIG = f"""\
 version: "it-1"
 consent: Advertising
@@ -53,14 +61,24 @@ audiences:
       linkedin: {{segment_id: "601"}}
     rule:
       all:
-        - event: {{name: Product Added, within: {WINDOW_S}s}}
+        - event: {{name: Product Added, within: {CART_WINDOW}}}
         - not:
-            event: {{name: Order Completed, within: {WINDOW_S}s, since_last: Product Added}}
+            event: {{name: Order Completed, within: {CART_WINDOW}, since_last: Product Added}}
+  - name: it-browse
+    platforms:
+      meta: {{audience_id: "502"}}
+    rule:
+      event: {{name: Product Viewed, within: {WINDOW_S}s}}
   - name: it-shoes
     platforms:
       google_ads: {{user_list: "customers/1/userLists/9"}}
     rule:
       recommendation: {{category: shoes, min_score: 0.5}}
+  - name: it-sync
+    platforms:
+      meta: {{audience_id: "503"}}
+    rule:
+      trait: {{name: plan, equals: sync-test}}
 """
 
 
@@ -177,6 +195,7 @@ def test_membership_changes_reach_cdp_audiences_updates(
     script.send(e, "identify", traits={"plan": "pro"}, consent=True)  # no identifiers
     for user in sorted(users):
         script.send(user, "track", event="Product Added")
+    script.send(b, "track", event="Product Viewed")
     rec = {
         "updateId": f"rec-{tag}",
         "customerId": a,
@@ -194,7 +213,10 @@ def test_membership_changes_reach_cdp_audiences_updates(
         (u, "it-cart", platform, "ADD", "RULE_MATCHED")
         for u in (a, b, d, f)
         for platform in ("meta", "linkedin")
-    } | {(a, "it-shoes", "google_ads", "ADD", "RULE_MATCHED")}
+    } | {
+        (a, "it-shoes", "google_ads", "ADD", "RULE_MATCHED"),
+        (b, "it-browse", "meta", "ADD", "RULE_MATCHED"),
+    }
     values = reader.poll_until(lambda vs: expected_adds <= _keys(_mine(vs, users)))
     assert _keys(_mine(values, users)) == expected_adds, audience_worker.tail()
     for v in _mine(values, users):
@@ -205,7 +227,7 @@ def test_membership_changes_reach_cdp_audiences_updates(
     assert set(shoes["identifiers"]) == {"hashedEmail"}
     assert shoes["platformAudienceId"] == "customers/1/userLists/9"
 
-    # a withdraws consent, d orders, f asks for deletion; b's add expires with the clock.
+    # a withdraws consent, d orders, f asks for deletion; b's view expires with the clock.
     withdraw = script.send(a, "page", consent=False)
     script.send(d, "track", event="Order Completed")
     script.send(f, "track", event="User Deleted")
@@ -218,8 +240,7 @@ def test_membership_changes_reach_cdp_audiences_updates(
         (d, "it-cart", "linkedin", "REMOVE", "RULE_UNMATCHED"),
         (f, "it-cart", "meta", "REMOVE", "DELETION_REQUESTED"),
         (f, "it-cart", "linkedin", "REMOVE", "DELETION_REQUESTED"),
-        (b, "it-cart", "meta", "REMOVE", "WINDOW_EXPIRED"),
-        (b, "it-cart", "linkedin", "REMOVE", "WINDOW_EXPIRED"),
+        (b, "it-browse", "meta", "REMOVE", "WINDOW_EXPIRED"),
     }
     values = reader.poll_until(
         lambda vs: expected_removes <= _keys(_mine(vs, users)), timeout=WINDOW_S + 120
@@ -248,7 +269,7 @@ def test_membership_changes_reach_cdp_audiences_updates(
     # Sentinels, one per profile, each with a known outcome.
     sentinel_ids = {
         script.send(a, "identify", traits={"email": f"{a}@Example.com"}, consent=True),
-        script.send(b, "track", event="Product Added"),
+        script.send(b, "track", event="Product Viewed"),
         script.send(c, "track", event="Product Added", consent=True),
         script.send(d, "track", event="Product Added"),
         script.send(e, "identify", traits={"email": f"{e}@example.com"}),
@@ -258,8 +279,9 @@ def test_membership_changes_reach_cdp_audiences_updates(
     out.close()
     expected_sentinels = {
         (a, "it-shoes", "google_ads", "ADD", "RULE_MATCHED"),
-        (b, "it-cart", "meta", "ADD", "RULE_MATCHED"),
-        (b, "it-cart", "linkedin", "ADD", "RULE_MATCHED"),
+        (a, "it-cart", "meta", "ADD", "RULE_MATCHED"),
+        (a, "it-cart", "linkedin", "ADD", "RULE_MATCHED"),
+        (b, "it-browse", "meta", "ADD", "RULE_MATCHED"),
         (c, "it-cart", "meta", "ADD", "RULE_MATCHED"),
         (c, "it-cart", "linkedin", "ADD", "RULE_MATCHED"),
         (d, "it-cart", "meta", "ADD", "RULE_MATCHED"),
@@ -271,8 +293,11 @@ def test_membership_changes_reach_cdp_audiences_updates(
     reader.close()
     after = _mine(values, users)[before:]
     assert _keys(after) == expected_sentinels  # f stays suppressed
+    assert len(after) == len(expected_sentinels)
     for v in after:
         assert v["triggerMessageId"] in sentinel_ids, v
+        # c and e had never been added; a, b, d were added, removed, and are back
+        assert v["membershipVersion"] == (1 if v["profileId"] in (c, e) else 3), v
 
 
 def test_worker_refuses_an_invalid_config(stack: StackEndpoints, tmp_path: Path) -> None:
@@ -305,3 +330,91 @@ def test_topics_include_the_audience_repartition_and_changelog() -> None:
     names = {s.name for s in worker_topic_specs(Settings(cdp_worker_id="g1"))}
     assert f"g1-{AUDIENCE_REPARTITION_SUFFIX}" in names
     assert "g1-audience_state-changelog" in names
+
+
+@pytest.fixture
+def meta_emulator() -> Iterator[dict[str, Any]]:
+    """The Meta Custom Audiences emulator in its own process; yields its announce record."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sinks.emulators", "meta", "--announce"],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "the Meta emulator did not start"
+        yield json.loads(line)["meta"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_members_and_full_sync_cli_read_the_changelog(
+    audience_worker: WorkerProcess,
+    stack: StackEndpoints,
+    settings: Settings,
+    serde: AvroSerde,
+    meta_emulator: dict[str, Any],
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    users = [f"sync-{i}-{tag}" for i in range(3)]
+    reader = _updates_reader(stack)
+    out = RawProducer(settings, serde)
+    script = Script(out, tag)
+    for user in users:
+        script.send(
+            user,
+            "identify",
+            traits={"email": f"{user}@x.example", "plan": "sync-test"},
+            consent=True,
+        )
+    script.send(f"nosync-{tag}", "identify", traits={"email": "n@x.example", "plan": "sync-test"})
+    out.close()
+    want = {(u, "it-sync", "meta", "ADD", "RULE_MATCHED") for u in users}
+    reader.poll_until(lambda vs: want <= _keys(vs))
+    reader.close()
+    group = audience_worker.env["CDP_WORKER_ID"]
+    # The agent writes a state after its updates were acknowledged: wait for the changelog.
+    deadline = time.monotonic() + 60
+    while True:
+        found = members_of(read_states(settings, group), "it-sync", "meta")
+        if {m.profile_id for m in found} == set(users) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {m.profile_id for m in found} == set(users)
+    config = Path(audience_worker.env["CDP_AUDIENCES_CONFIG"])
+    env = {**os.environ, "CDP_WORKER_ID": group, **meta_emulator["env"]}
+    env["CDP_SINK_META_ACCESS_TOKEN"] = meta_emulator["credentials"]["access_token"]
+    cli = [sys.executable, "-m", "streams.cli", "audiences"]
+    listed = subprocess.run(
+        [*cli, "members", "it-sync", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert all(u in listed.stdout for u in users)
+    synced = subprocess.run(
+        [*cli, "sync", "--full", "it-sync", "--platform", "meta", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert "full sync of it-sync" in synced.stdout
+    state = httpx.get(f"{meta_emulator['url']}/__emulator/state", timeout=10).json()
+    assert state["piiViolations"] == [] and state["rejectedRequestCount"] == 0, state
+    assert state["uniqueCount"] == len(users), state
+    refused = subprocess.run(
+        [*cli, "sync", "it-sync", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert refused.returncode == 2 and "only --full" in refused.stderr
