@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sinks.bench import render_destinations_table
+
 SCENARIO_LABELS: dict[str, str] = {
     "a": "(a) cdpflow worker, 1 process",
     "b": "(b) bare confluent-kafka loop",
@@ -123,8 +125,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             )
     sinks = results.get("sinks")
     if sinks:
-        lines.append("")
-        lines.append(f"Sinks: {sinks.get('note', '')}")
+        lines += ["", render_destinations_table(sinks)]
     lines.append("")
     r = ratios(results)
     lines.append(

@@ -49,6 +49,7 @@ from bench.collector_load import batch_bodies, drive
 from bench.collector_load import wait_ready as collector_ready
 from bench.corpus import Corpus, build_corpus, bulk_producer, paced_send, produce_all
 from bench.report import render_markdown, write_json
+from sinks.bench import bench_destinations
 from streams import topics
 from streams.serde import AvroSerde
 from streams.settings import Settings, reject_unknown_env
@@ -71,12 +72,19 @@ class BenchConfig(BaseSettings):
     seed: int = 42
     partitions: int = Field(6, ge=1, le=64)
     scenarios: str = Field(
-        "b,a,c,d,collector", description="Comma-separated subset of b,a,c,d,collector."
+        "b,a,c,d,collector,sinks",
+        description="Comma-separated subset of b,a,c,d,collector,sinks.",
     )
     latency_s: float = Field(10.0, ge=0, description="Seconds of paced input per scenario.")
     latency_fraction: float = Field(0.5, gt=0, le=2, description="Offered rate / (b) events/s.")
     latency_rate: float = Field(0, ge=0, description="Fixed offered rate; 0 = from (b).")
     collector_s: float = Field(15.0, ge=0)
+    sink_events: int = Field(
+        10_000, ge=10, description="Backlog per destination for the delivery-rate section."
+    )
+    sink_budget_s: float = Field(
+        120.0, gt=0, description="Time for the whole delivery-rate section (all destinations)."
+    )
     collector_connections: int = Field(8, ge=1, le=256)
     scenario_timeout_s: float = Field(300.0, gt=0, description="Readiness/drain limit.")
     scenario_budget_s: float = Field(
@@ -621,28 +629,6 @@ def run_collector(ctx: Context) -> dict[str, Any]:
         ctx.running.remove(proc)
 
 
-def sinks_status() -> dict[str, Any]:
-    """Per-destination delivery rates need runnable destinations; say why they are skipped."""
-    try:
-        from sinks import registry
-
-        found = registry.load_all()
-    except Exception as exc:
-        return {"skipped": True, "note": f"skipped: sinks.registry failed to load ({exc})"}
-    if not found:
-        return {
-            "skipped": True,
-            "note": "skipped: no destination is registered yet (sinks.registry.MODULES "
-            f"{', '.join(registry.MODULES)} do not exist)",
-        }
-    return {
-        "skipped": True,
-        "destinations": sorted(found),
-        "note": f"skipped: destinations {', '.join(sorted(found))} exist but the bench has "
-        "no delivery driver for them yet",
-    }
-
-
 def create_topics(settings: Settings, partitions: int) -> None:
     """Public topics, with the output stamped by the broker (LogAppendTime) for timing."""
     specs = []
@@ -666,7 +652,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     shutil.rmtree(cfg.dir / "logs", ignore_errors=True)
     (cfg.dir / "logs").mkdir(parents=True)
     wanted = cfg.scenario_list
-    unknown = set(wanted) - {*SCENARIOS, "collector"}
+    unknown = set(wanted) - {*SCENARIOS, "collector", "sinks"}
     if unknown:
         raise SystemExit(f"unknown CDP_BENCH_SCENARIOS entries: {', '.join(sorted(unknown))}")
     quix = QuixVenv(cfg.dir / "quix-venv", cfg.quix_spec)
@@ -773,7 +759,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             except Exception as exc:
                 progress(f"collector failed: {type(exc).__name__}: {exc}")
                 results["collector"] = {"error": f"{type(exc).__name__}: {exc}"}
-        results["sinks"] = sinks_status()
+        if "sinks" in wanted:
+            progress("sinks: delivery per destination against the emulators")
+            results["sinks"] = bench_destinations(
+                settings,
+                events_per_destination=cfg.sink_events,
+                budget_s=cfg.sink_budget_s,
+                partitions=cfg.partitions,
+                progress=progress,
+            )
     finally:
         if ctx is not None:
             for proc in list(ctx.running):
