@@ -29,6 +29,8 @@ from streams.inspect import end_offsets, read_from
 from streams.settings import Settings
 
 DEMO_WRITE_KEY = "demo-write-key"
+#: The shipped example audiences; the demo runs the audience agent with them.
+EXAMPLE_AUDIENCES = Path(__file__).resolve().parents[1] / "audiences.example.yaml"
 console = Console(highlight=False)
 
 
@@ -198,6 +200,8 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         "CDP_WRITE_KEYS": os.environ.get("CDP_WRITE_KEYS") or DEMO_WRITE_KEY,
         "CDP_WORKER_WEB_ENABLED": "false",
     }
+    if not env.get("CDP_AUDIENCES_CONFIG") and EXAMPLE_AUDIENCES.exists():
+        env["CDP_AUDIENCES_CONFIG"] = str(EXAMPLE_AUDIENCES)
     if DEMO_WRITE_KEY not in env["CDP_WRITE_KEYS"].split(","):
         env["CDP_WRITE_KEYS"] += f",{DEMO_WRITE_KEY}"
     port = _free_port(int(os.environ.get("CDP_COLLECTOR_PORT", "8088")))
@@ -214,7 +218,12 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         ensure_topics(settings)
         start = {
             t: end_offsets(settings, t)
-            for t in (topics.EVENTS_RAW, topics.EVENTS_ENRICHED, topics.EVENTS_DLQ)
+            for t in (
+                topics.EVENTS_RAW,
+                topics.EVENTS_ENRICHED,
+                topics.EVENTS_DLQ,
+                topics.AUDIENCES_UPDATES,
+            )
         }
         worker = Child("worker", ["worker"], env, log_dir)
         children.append(worker)
@@ -265,6 +274,7 @@ def run_demo(*, keep: bool = False, generated: int = 2000) -> int:
         dead = read_from(settings, topics.EVENTS_DLQ, start[topics.EVENTS_DLQ])
         _report(raw, enriched, dead, expected)
         delivered = _await_destinations(cluster, sink_names, len(enriched))
+        _report_audiences(settings, start[topics.AUDIENCES_UPDATES])
         sample = next(
             (
                 e
@@ -312,25 +322,62 @@ def _start_sinks(
     """
     from confluent_kafka import Consumer, TopicPartition
 
+    from sinks import registry
     from sinks.emulators import start_all
     from sinks.engine import emulator_env
 
-    cluster = start_all(mode="process")
+    cluster = start_all(mode="process", configs=_emulator_configs(env))
     env.update(emulator_env(cluster))
     prefix = "cdpflow-demo-sink-"
     env["CDP_SINK_GROUP_PREFIX"] = prefix
     names = sorted(cluster.urls)
-    ends = end_offsets(settings, topics.EVENTS_ENRICHED)
+    classes = registry.load_all()
+    ends = {t: end_offsets(settings, t) for t in (topics.EVENTS_ENRICHED, topics.AUDIENCES_UPDATES)}
     for name in names:
+        source = (
+            topics.AUDIENCES_UPDATES
+            if name in classes and classes[name].source == "audience"
+            else topics.EVENTS_ENRICHED
+        )
         consumer = Consumer({**settings.librdkafka_common(), "group.id": prefix + name})
         consumer.commit(
-            offsets=[TopicPartition(topics.EVENTS_ENRICHED, p, o) for p, o in ends.items()],
+            offsets=[TopicPartition(source, p, o) for p, o in ends[source].items()],
             asynchronous=False,
         )
         consumer.close()
     children.append(Child("sinks", ["sink", "run", "--all"], env, log_dir))
     console.print(f"sinks → emulators: {', '.join(f'{n} {u}' for n, u in cluster.urls.items())}")
     return cluster, names
+
+
+def _emulator_configs(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The ad emulators know exactly the audiences the demo's audience config names."""
+    path = env.get("CDP_AUDIENCES_CONFIG")
+    if not path:
+        return {}
+    from streams.audiences.config import load_config
+
+    targets: dict[str, list[str]] = {"meta": [], "google_ads": [], "linkedin": []}
+    for audience in load_config(path).audiences:
+        for platform, audience_id in audience.platforms.targets().items():
+            targets[platform].append(audience_id)
+    return {
+        "meta": {"audiences": targets["meta"]},
+        "google_ads": {"user_lists": targets["google_ads"]},
+        "linkedin": {"segments": targets["linkedin"]},
+    }
+
+
+def _report_audiences(settings: Settings, start: dict[int, int]) -> None:
+    """What the audience agent emitted during the run, per audience, platform and action."""
+    updates = read_from(settings, topics.AUDIENCES_UPDATES, start)
+    counts = Counter((u["audience"], u["platform"], u["action"]) for u in updates)
+    table = Table(title=f"{topics.AUDIENCES_UPDATES}: {len(updates)} membership changes")
+    for column in ("audience", "platform", "action", "updates"):
+        table.add_column(column, justify="right" if column == "updates" else "left")
+    for (audience, platform, action), n in sorted(counts.items()):
+        table.add_row(audience, platform, action, str(n))
+    console.print(table)
 
 
 def _await_destinations(cluster: Any, names: list[str], enriched: int) -> dict[str, int]:
@@ -350,6 +397,9 @@ def _await_destinations(cluster: Any, names: list[str], enriched: int) -> dict[s
     notes = {
         "ga4": "web events inside GA4's 72 h window (older ones: DLQ GA4_TOO_OLD)",
         "mixpanel": "alias/group are skipped (Simplified ID Merge)",
+        "meta": "hashed audience rows added/removed (from cdp.audiences.updates)",
+        "google_ads": "hashed audience rows added/removed (from cdp.audiences.updates)",
+        "linkedin": "hashed audience rows added/removed (from cdp.audiences.updates)",
     }
     for name in names:
         table.add_row(name, str(counts.get(name, 0)), notes.get(name, f"of {enriched} enriched"))

@@ -229,7 +229,9 @@ class GoogleAdsTarget(_Strict):
 
 
 class LinkedInTarget(_Strict):
-    segment_id: str = Field(pattern=r"^[0-9A-Za-z:_-]{1,64}$")
+    #: The DMP segment's numeric id (the path of /rest/dmpSegments/{id}/users; the
+    #: number in urn:li:dmpSegment:<id>), not the ad segment URN.
+    segment_id: str = Field(pattern=r"^\d{1,32}$")
 
 
 class Platforms(_Strict):

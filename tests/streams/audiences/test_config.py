@@ -41,7 +41,7 @@ def test_example_file_loads_with_the_four_documented_audiences() -> None:
     assert cart.platforms.targets() == {
         "meta": "23850000000000003",
         "google_ads": "customers/1234567890/userLists/112",
-        "linkedin": "urn:li:adSegment:1003",
+        "linkedin": "1003",
     }
     assert isinstance(cart.rule.all[1], NotRule)  # type: ignore[union-attr]
     inner = cart.rule.all[1].not_  # type: ignore[union-attr]
