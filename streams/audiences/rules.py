@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from streams.audiences.config import (
     AllRule,
     AnyRule,
@@ -55,6 +57,8 @@ DELETION_REQUESTED = "DELETION_REQUESTED"
 IDENTIFIERS_CHANGED = "IDENTIFIERS_CHANGED"
 
 ANON_PREFIX = "anon:"
+#: Memoised identifier sets (one per profile and platform, roughly); dropped when full.
+IDENTIFIER_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,7 @@ class AudienceRules:
         ]
         self._rules = {a.name: a.rule for a in config.audiences}
         self._windows = config.windows
+        self._identifiers: dict[tuple[str, str | None, bytes], dict[str, str]] = {}
 
     # ---------------------------------------------------------------- evaluation
 
@@ -216,13 +221,23 @@ class AudienceRules:
         return {name for name, rule in self._rules.items() if rule_matches(rule, state, now_ms)}
 
     def identifiers(self, state: ProfileState, platform: str) -> dict[str, str]:
+        """The platform's identifiers for the profile's traits (memoised by traits content:
+        normalising and hashing cost more than the rest of an evaluation)."""
         pid: str = state["pid"]
-        return self.identify(
-            platform,
-            state["traits"] or {},
-            user_id=None if pid.startswith(ANON_PREFIX) else pid,
-            default_country=self.config.default_country,
-        )
+        user_id = None if pid.startswith(ANON_PREFIX) else pid
+        key = (platform, user_id, orjson.dumps(state["traits"] or {}, option=orjson.OPT_SORT_KEYS))
+        cached = self._identifiers.get(key)
+        if cached is None:
+            cached = self.identify(
+                platform,
+                state["traits"] or {},
+                user_id=user_id,
+                default_country=self.config.default_country,
+            )
+            if len(self._identifiers) >= IDENTIFIER_CACHE_SIZE:
+                self._identifiers.clear()
+            self._identifiers[key] = cached
+        return dict(cached)
 
     def membership(self, state: ProfileState, now_ms: int) -> dict[tuple[str, str], dict[str, str]]:
         """(audience, platform) -> identifiers, for every place the profile belongs now."""
