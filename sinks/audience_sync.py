@@ -76,7 +76,8 @@ async def full_sync(
     :class:`~sinks.engine.DestinationFailed` when the platform refuses the
     credentials; everything else ends up in the result.
     """
-    destination = destination or await asyncio.to_thread(audience_destination, platform)
+    if destination is None:
+        destination = await asyncio.to_thread(audience_destination, platform)
     engine = engine or SinkEngineSettings()
     result = FullSyncResult(platform, platform_audience_id, members=len(members))
     items: list[MappedEvent] = []

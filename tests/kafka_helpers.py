@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
@@ -27,10 +27,11 @@ def confluent_deserializer(registry_url: str) -> AvroDeserializer:
     the registry's /associations endpoint; Apicurio does not have it and, on a
     fresh KafkaSQL registry, the request hangs instead of answering 404.
     """
-    return AvroDeserializer(
+    deserializer: AvroDeserializer = AvroDeserializer(
         SchemaRegistryClient({"url": registry_url, "timeout": 30}),
         conf={"subject.name.strategy": topic_subject_name_strategy},
     )
+    return deserializer
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -70,8 +71,8 @@ class TopicReader:
             for msg in self._consumer.consume(500, 0.5):
                 if msg.error():
                     continue
-                value = self._deser(msg.value(), self._ctx)
-                self.records.append((msg.key(), value, msg.partition()))
+                value = cast(dict[str, Any], self._deser(msg.value(), self._ctx))
+                self.records.append((msg.key(), value, msg.partition() or 0))
             values = [r[1] for r in self.records]
             if done(values):
                 return values
