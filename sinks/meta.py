@@ -82,6 +82,7 @@ from sinks.base import (
     status_error,
 )
 from sinks.registry import register
+from streams.audiences.identifiers import META_KEYS
 
 log = logging.getLogger("cdpflow.sink.meta")
 
@@ -89,20 +90,7 @@ log = logging.getLogger("cdpflow.sink.meta")
 MAX_ROWS = 10_000
 #: The multi-key schema order used for every request (a request carries only the
 #: keys present in its rows, in this order).
-SCHEMA_ORDER: tuple[str, ...] = (
-    "EMAIL",
-    "PHONE",
-    "FN",
-    "LN",
-    "GEN",
-    "DOBY",
-    "DOBM",
-    "DOBD",
-    "CT",
-    "ST",
-    "ZIP",
-    "COUNTRY",
-)
+SCHEMA_ORDER: tuple[str, ...] = META_KEYS
 #: Graph's current version when written (reference pages show v25.0); versions
 #: are sunset on a schedule, hence configurable.
 DEFAULT_VERSION = "v25.0"

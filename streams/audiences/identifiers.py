@@ -149,25 +149,26 @@ GOOGLE_LAST_NAME: Final = "addressInfo.hashedLastName"
 GOOGLE_COUNTRY: Final = "addressInfo.countryCode"
 GOOGLE_POSTAL_CODE: Final = "addressInfo.postalCode"
 
+#: Meta's multi-key schema keys this module produces, in the order requests lay them out.
+META_KEYS: tuple[str, ...] = (
+    "EMAIL",
+    "PHONE",
+    "FN",
+    "LN",
+    "GEN",
+    "DOBY",
+    "DOBM",
+    "DOBD",
+    "CT",
+    "ST",
+    "ZIP",
+    "COUNTRY",
+)
+
 #: per platform, the identifier keys whose values must be SHA-256 hex, and the keys sent in clear
 HASHED_KEYS: Mapping[str, frozenset[str]] = MappingProxyType(
     {
-        "meta": frozenset(
-            {
-                "EMAIL",
-                "PHONE",
-                "FN",
-                "LN",
-                "GEN",
-                "DOBY",
-                "DOBM",
-                "DOBD",
-                "CT",
-                "ST",
-                "ZIP",
-                "COUNTRY",
-            }
-        ),
+        "meta": frozenset(META_KEYS),
         "google_ads": frozenset(
             {"hashedEmail", "hashedPhoneNumber", GOOGLE_FIRST_NAME, GOOGLE_LAST_NAME}
         ),
