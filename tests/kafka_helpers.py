@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -168,3 +168,39 @@ def start_group_at_end(bootstrap: str, group: str, topic_names: Iterable[str]) -
         c.commit(offsets=offsets, asynchronous=False)
     finally:
         c.close()
+
+
+def audience_worker_process(
+    bootstrap: str, registry: str, config_path: Path, tmp: Path, *, tick_s: str = "0.5"
+) -> WorkerProcess:
+    """A worker (not yet started) running the audience agent with ``config_path``.
+
+    Its group is new and starts at the current end of its input topics, so it
+    processes only what the test sends, and its internal topics exist up front.
+    """
+    from streams import topics
+    from streams.settings import Settings
+    from streams.topics import ensure_topics
+    from streams.worker import worker_topic_specs
+
+    group = f"cdpflow-aud-{uuid.uuid4().hex[:8]}"
+    ensure_topics(Settings(), worker_topic_specs(Settings(cdp_worker_id=group)))
+    inputs = [topics.EVENTS_RAW, topics.RECOMMENDATIONS_UPDATES, topics.EVENTS_ENRICHED]
+    deadline = time.monotonic() + 60
+    while True:  # a topic created a moment ago may not have a leader yet
+        try:
+            start_group_at_end(bootstrap, group, inputs)
+            break
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    env = worker_env(
+        bootstrap,
+        registry,
+        group,
+        tmp / "data",
+        CDP_AUDIENCES_CONFIG=str(config_path),
+        CDP_AUDIENCES_TICK_S=tick_s,
+    )
+    return WorkerProcess(env, tmp / "worker.log")

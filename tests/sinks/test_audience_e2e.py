@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaException
 from hypothesis import HealthCheck, Phase, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -38,15 +37,12 @@ from streams.audiences.reference import Input, compute_membership
 from streams.events import now_ms
 from streams.serde import AvroSerde
 from streams.settings import Settings
-from streams.topics import ensure_topics
-from streams.worker import worker_topic_specs
 from tests.conftest import StackEndpoints
 from tests.kafka_helpers import (
     TopicReader,
     WorkerProcess,
+    audience_worker_process,
     end_offsets,
-    start_group_at_end,
-    worker_env,
 )
 from tests.sinks.contract import SinkProcess, start_groups_at_end, wait_until
 from tests.streams.pipeline_helpers import RawProducer
@@ -103,18 +99,6 @@ def rig(stack: StackEndpoints, tmp_path_factory: pytest.TempPathFactory) -> Iter
     tmp = tmp_path_factory.mktemp("audience-e2e")
     config_path = tmp / "audiences.yaml"
     config_path.write_text(CONFIG)
-    group = f"cdpflow-aud-e2e-{uuid.uuid4().hex[:8]}"
-    ensure_topics(Settings(), worker_topic_specs(Settings(cdp_worker_id=group)))
-    inputs = [topics.EVENTS_RAW, topics.RECOMMENDATIONS_UPDATES, topics.EVENTS_ENRICHED]
-    deadline = time.monotonic() + 60
-    while True:  # a topic created a moment ago may not have a leader yet
-        try:
-            start_group_at_end(stack.bootstrap_servers, group, inputs)
-            break
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
     emulators = start_all(
         PLATFORMS, mode="thread", configs={"google_ads": {"user_lists": list(LISTS.values())}}
     )
@@ -122,16 +106,8 @@ def rig(stack: StackEndpoints, tmp_path_factory: pytest.TempPathFactory) -> Iter
     start_groups_at_end(
         stack.bootstrap_servers, [sink_prefix + p for p in PLATFORMS], topics.AUDIENCES_UPDATES
     )
-    worker = WorkerProcess(
-        worker_env(
-            stack.bootstrap_servers,
-            stack.registry_url,
-            group,
-            tmp / "data",
-            CDP_AUDIENCES_CONFIG=str(config_path),
-            CDP_AUDIENCES_TICK_S="0.5",
-        ),
-        tmp / "worker.log",
+    worker = audience_worker_process(
+        stack.bootstrap_servers, stack.registry_url, config_path, tmp
     ).start()
     sinks = SinkProcess(
         {

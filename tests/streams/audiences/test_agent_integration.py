@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import KafkaException
 
 from streams import topics
 from streams.audiences.members import members_of, read_states
@@ -33,15 +32,14 @@ from streams.audiences.settings import AUDIENCE_REPARTITION_SUFFIX
 from streams.events import now_ms
 from streams.serde import AvroSerde
 from streams.settings import Settings
-from streams.topics import ensure_topics
 from streams.worker import worker_topic_specs
 from tests.conftest import StackEndpoints
 from tests.kafka_helpers import (
     REPO,
     TopicReader,
     WorkerProcess,
+    audience_worker_process,
     end_offsets,
-    start_group_at_end,
     worker_env,
 )
 from tests.streams.audiences.factories import assert_hashed
@@ -131,29 +129,7 @@ def audience_worker(
     tmp = tmp_path_factory.mktemp("audiences")
     config = tmp / "audiences.yaml"
     config.write_text(CONFIG)
-    group = f"cdpflow-aud-{uuid.uuid4().hex[:8]}"
-    ensure_topics(Settings(), worker_topic_specs(Settings(cdp_worker_id=group)))
-    inputs = [topics.EVENTS_RAW, topics.RECOMMENDATIONS_UPDATES, topics.EVENTS_ENRICHED]
-    deadline = time.monotonic() + 60
-    while True:  # a topic created a moment ago may not have a leader yet
-        try:
-            start_group_at_end(stack.bootstrap_servers, group, inputs)
-            break
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-    proc = WorkerProcess(
-        worker_env(
-            stack.bootstrap_servers,
-            stack.registry_url,
-            group,
-            tmp / "data",
-            CDP_AUDIENCES_CONFIG=str(config),
-            CDP_AUDIENCES_TICK_S="0.5",
-        ),
-        tmp / "w.log",
-    ).start()
+    proc = audience_worker_process(stack.bootstrap_servers, stack.registry_url, config, tmp).start()
     try:
         proc.wait_ready()
         yield proc
