@@ -1,4 +1,7 @@
-"""The delivery engine: ``cdp.events.enriched`` -> one destination, at least once.
+"""The delivery engine: a source topic -> one destination, at least once.
+
+Event destinations read ``cdp.events.enriched``; the ad-audience destinations
+(``Destination.source == "audience"``) read ``cdp.audiences.updates`` the same way.
 
 Every destination gets its own :class:`SinkRunner`: its own consumer group
 (``cdpflow-sink-<name>``), HTTP session, rate limit, retry policy, circuit
