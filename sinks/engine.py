@@ -564,7 +564,7 @@ class Deliverer:
         return passed
 
     async def _plain_send(self, request: HttpRequest) -> HttpResponse:
-        """One HTTP call, no retries: what a preflight check is made with."""
+        """One HTTP call, no retries (a request's attempt, a preflight check)."""
         started = time.monotonic()
         async with self.session.request(
             request.method, request.url, data=request.body, headers=request.headers
@@ -657,13 +657,7 @@ class Deliverer:
                 response = await self.destination.send(self.session, request)
                 response.elapsed_s = time.monotonic() - started
             else:
-                async with self.session.request(
-                    request.method, request.url, data=request.body, headers=request.headers
-                ) as resp:
-                    body = await resp.read()
-                    response = HttpResponse(
-                        resp.status, resp.headers, body, time.monotonic() - started
-                    )
+                response = await self._plain_send(request)
         except TimeoutError:
             self._requests.labels(self.name, "timeout").inc()
             return None, None, Retryable("TIMEOUT", "no response within the timeout")
