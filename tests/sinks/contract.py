@@ -495,6 +495,44 @@ def leaked_secrets(text: str, destination: Destination[Any]) -> list[str]:
     return found
 
 
+def inject_echoing_refusal(h: Harness, dest: Destination[Any]) -> None:
+    """The vendor's next answer refuses the request and echoes our secret and an email back."""
+    echo = " ".join(secret_values(dest.settings)) or "no-secret"
+    h.emulator.inject(
+        {
+            "kind": "status",
+            "status": 400,
+            "count": 1,
+            "body": {
+                "code": "invalid",
+                "message": f"rejected {echo} for jane.doe@example.com",
+                "error": f"key={echo} user jane.doe@example.com",
+            },
+        }
+    )
+
+
+def assert_dead_letters_redacted(dead: list[dict[str, Any]], dest: Destination[Any]) -> None:
+    """No secret, no raw email (outside the messageId the test chose) and no credentials."""
+    for record in dead:
+        text = readable_part(record)
+        assert not leaked_secrets(text, dest), f"secret in a dead letter: {text[:300]}"
+        assert not EMAIL_RE.search(text.replace(record["messageId"] or "", "")), (
+            f"raw email in a dead letter: {text[:400]}"
+        )
+        if record["request"] is not None:
+            headers = {k.lower(): v for k, v in record["request"]["headers"].items()}
+            if "authorization" in headers:
+                assert headers["authorization"] == "<redacted>"
+
+
+def assert_logs_redacted(caplog: pytest.LogCaptureFixture, dest: Destination[Any]) -> None:
+    log_text = "\n".join(r.getMessage() for r in caplog.records)
+    log_text += "\n".join(str(r.exc_info) for r in caplog.records if r.exc_info)
+    assert not leaked_secrets(log_text, dest), "a secret was logged"
+    assert not EMAIL_RE.search(log_text), "an email was logged"
+
+
 def readable_part(dead_letter: Mapping[str, Any]) -> str:
     """A dead letter without the enriched record kept verbatim for replay."""
     return orjson.dumps(
@@ -790,21 +828,7 @@ async def test_contract_no_secret_or_raw_email_in_dead_letters_or_logs(
         return await audience_hashing_and_redaction(name, settings, serde, stack, caplog)
     async with harness(name, settings, serde, stack, partitions=1) as h:
         dest = h.destination()
-        secrets = secret_values(dest.settings)
-        echo = " ".join(secrets) or "no-secret"
-        # The vendor refuses the request and echoes our secret and an email back.
-        h.emulator.inject(
-            {
-                "kind": "status",
-                "status": 400,
-                "count": 1,
-                "body": {
-                    "code": "invalid",
-                    "message": f"rejected {echo} for jane.doe@example.com",
-                    "error": f"key={echo} user jane.doe@example.com",
-                },
-            }
-        )
+        inject_echoing_refusal(h, dest)
         user = f"jane.doe.{h.tag}@example.com"  # an email as userId: the worst case
         refused = h.producer.send(segment_event(h.tag, 0, user=user))
         h.producer.flush()
@@ -819,20 +843,8 @@ async def test_contract_no_secret_or_raw_email_in_dead_letters_or_logs(
                 await wait_until(lambda: finished(runner) >= 3, 60, "three events finished")
         dead = h.dlq.records({refused, big_id, ok}, expect=runner.stats.dead_lettered, timeout=20.0)
         assert len(dead) == runner.stats.dead_lettered >= 1
-        for record in dead:
-            text = readable_part(record)
-            assert not leaked_secrets(text, dest), f"secret in a dead letter: {text[:300]}"
-            assert not EMAIL_RE.search(text.replace(record["messageId"] or "", "")), (
-                f"raw email in a dead letter: {text[:400]}"
-            )
-            if record["request"] is not None:
-                headers = {k.lower(): v for k, v in record["request"]["headers"].items()}
-                if "authorization" in headers:
-                    assert headers["authorization"] == "<redacted>"
-        log_text = "\n".join(r.getMessage() for r in caplog.records)
-        log_text += "\n".join(str(r.exc_info) for r in caplog.records if r.exc_info)
-        assert not leaked_secrets(log_text, dest), "a secret was logged"
-        assert not EMAIL_RE.search(log_text), "an email was logged"
+        assert_dead_letters_redacted(dead, dest)
+        assert_logs_redacted(caplog, dest)
 
 
 # --------------------------------------------------------------------------- audiences
@@ -970,21 +982,7 @@ async def audience_hashing_and_redaction(
 ) -> None:
     async with harness(name, settings, serde, stack, partitions=1) as h:
         dest = h.destination()
-        secrets = secret_values(dest.settings)
-        echo = " ".join(secrets) or "no-secret"
-        # The vendor refuses the request and echoes our secret and an email back.
-        h.emulator.inject(
-            {
-                "kind": "status",
-                "status": 400,
-                "count": 1,
-                "body": {
-                    "code": "invalid",
-                    "message": f"rejected {echo} for jane.doe@example.com",
-                    "error": f"key={echo} user jane.doe@example.com",
-                },
-            }
-        )
+        inject_echoing_refusal(h, dest)
         user = f"jane.doe.{h.tag}"
         refused = h.update(0, user=user)
         h.producer.flush()
@@ -1007,20 +1005,10 @@ async def audience_hashing_and_redaction(
         by_id = {d["messageId"]: d for d in dead}
         assert by_id[unhashed]["reasonCode"] == "UNHASHED_IDENTIFIER"
         assert by_id[unhashed]["request"] is None, "an unhashed identifier must never be sent"
-        for record in dead:
-            text = readable_part(record)
-            assert not leaked_secrets(text, dest), f"secret in a dead letter: {text[:300]}"
-            assert not EMAIL_RE.search(text), f"raw email in a dead letter: {text[:400]}"
-            if record["request"] is not None:
-                headers = {k.lower(): v for k, v in record["request"]["headers"].items()}
-                if "authorization" in headers:
-                    assert headers["authorization"] == "<redacted>"
+        assert_dead_letters_redacted(dead, dest)
         sent = orjson.dumps(h.emulator.state.accepted_items()).decode()
         assert raw_email not in sent and "@" not in sent, "a raw identifier reached the vendor"
-        log_text = "\n".join(r.getMessage() for r in caplog.records)
-        log_text += "\n".join(str(r.exc_info) for r in caplog.records if r.exc_info)
-        assert not leaked_secrets(log_text, dest), "a secret was logged"
-        assert not EMAIL_RE.search(log_text), "an email was logged"
+        assert_logs_redacted(caplog, dest)
 
 
 # --------------------------------------------------------------------------- processes
